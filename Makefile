@@ -1,0 +1,74 @@
+# Entry points. `make help` lists them; every target builds the venv first if it is missing.
+PY      := .venv/bin/python
+DATA    ?= celeba
+SEED    ?= 0
+SEEDS   ?= 0 1 2 3 4
+CONFIG  ?= seed_recipe
+N_LABELED ?= 250
+ARGS    ?=
+APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: DATA=$(DATA) SEED=$(SEED) SEEDS=\"$(SEEDS)\" CONFIG=$(CONFIG) N_LABELED=$(N_LABELED) ARGS=\"--key=value ...\""
+
+setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then pip)
+
+.venv/.done: requirements.txt requirements-dev.txt
+	@if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing FFCV's build dependencies: $(APT_PKGS)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	  else \
+	    echo "FFCV needs system packages; run:  sudo apt-get install -y --no-install-recommends $(APT_PKGS)"; exit 1; \
+	  fi; \
+	fi
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -c "import ffcv, torch; print('setup ok: torch', torch.__version__, '| ffcv imports')"
+	touch $@
+
+test: setup  ## run the test suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest
+
+test-slow: setup  ## also run the tests marked slow
+	$(PY) -m pytest -m ''
+
+lint: setup  ## ruff
+	.venv/bin/ruff check .
+
+data: setup  ## build data/$(DATA) (celeba by default; DATA=synthetic works offline)
+	$(PY) data.py $(DATA) --out data/$(DATA) $(ARGS)
+
+demo: setup  ## offline end-to-end run on the synthetic set: data, train, evaluate, attention maps
+	@test -f data/demo/meta.json || $(PY) data.py synthetic --n 12000 --out data/demo
+	$(PY) train_vit.py --config=demo --data=data/demo --out_dir=runs/demo $(ARGS)
+	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval
+	@if [ -f attention.py ]; then $(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention; fi
+
+train: setup  ## train the recipe (CONFIG=seed_recipe) on data/$(DATA) into runs/seed$(SEED)
+	$(PY) train_vit.py --config=$(CONFIG) --data=data/$(DATA) --seed=$(SEED) --out_dir=runs/seed$(SEED) $(ARGS)
+
+sweep: setup  ## train SEEDS="0 1 2" and write runs/sweep.md (fair score mean +- std)
+	$(PY) train_vit.py --sweep="$(SEEDS)" --config=$(CONFIG) --data=data/$(DATA) $(ARGS)
+
+evaluate: setup  ## score runs/seed$(SEED)/best.safetensors on the test split
+	$(PY) evaluate.py --ckpt runs/seed$(SEED)/best.safetensors --data data/$(DATA) --split test --out runs/seed$(SEED)/eval
+
+attention: setup  ## attention maps of runs/seed$(SEED)/best.safetensors
+	$(PY) attention.py --ckpt runs/seed$(SEED)/best.safetensors --data data/$(DATA) --split val --n 16 --out runs/seed$(SEED)/attention
+
+mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
+	$(PY) train_mixmatch.py --data=data/$(DATA) --n_labeled=$(N_LABELED) --seed=$(SEED) --out_dir=runs/mixmatch_$(DATA)_$(N_LABELED)_s$(SEED) $(ARGS)
+
+ssl-table: setup  ## supervised / MixMatch / full over 3 seeds -> runs/ssl_table.md
+	$(PY) train_mixmatch.py --table=1 --data=data/$(DATA) --n_labeled=$(N_LABELED) $(ARGS)
+
+bench: setup  ## speed benchmarks -> bench.md, bench.json (ARGS=--quick for a short CPU run)
+	$(PY) bench.py $(ARGS)
+
+clean:  ## remove runs/ and caches (keeps data/ and .venv)
+	rm -rf runs .pytest_cache .ruff_cache __pycache__ tests/__pycache__
