@@ -1,0 +1,449 @@
+"""data.py: building (synthetic, challenge, folder, aaf, celeba), the .beton round trip, both loader backends, the
+batched augmentation and the error paths. One small synthetic set is built once and shared (FFCV's JIT costs seconds
+per process, so only two FFCV loaders are made)."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+SYNTH_ARGS = ["synthetic", "--n", "400", "--noise", "0", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth") / "syn")
+    data.main([*SYNTH_ARGS, "--out", out])
+    return out
+
+
+def fails(argv):
+    """Run the CLI expecting a one-line error; return the line."""
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def rand_image(rng, h=80, w=80):
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic generation
+
+def test_synthetic_is_deterministic_per_seed():
+    args = data.parse_args(["synthetic", "--n", "60", "--out", "unused"])
+    a, b = data.synthetic_source(args, None), data.synthetic_source(args, None)
+    args.seed = 1
+    c = data.synthetic_source(args, None)
+    for s in data.SPLITS:
+        for k in ("images", "labels", "groups", "attrs"):
+            assert np.array_equal(a["splits"][s][k], b["splits"][s][k])
+    assert not np.array_equal(a["splits"]["train"]["images"], c["splits"]["train"]["images"])
+
+
+def test_synthetic_hits_cells_and_follows_the_rule(synth):
+    meta = data.read_meta(synth)
+    asked = dict(zip([(0, 0), (1, 0), (0, 1), (1, 1)], data.CHALLENGE_CELLS))
+    for s in data.SPLITS:
+        n = meta["splits"][s]["n"]
+        cells = {(c["label"], c["group"]): c["n"] for c in meta["splits"][s]["cells"]}
+        assert sum(cells.values()) == n and set(cells) == set(asked)
+        for cell, frac in asked.items():
+            assert abs(cells[cell] / n - frac) <= 1 / n, (s, cell, cells[cell], n)
+        attrs, names = data.load_attrs(synth, s)
+        _, y, g = data.load_split(synth, s)
+        blond, glasses, male = (attrs[:, names.index(a)].astype(bool) for a in ("Blond_Hair", "Eyeglasses", "Male"))
+        assert np.array_equal(y.numpy(), blond ^ glasses) and np.array_equal(g.numpy(), male)
+    assert meta["classes"][1] == "Blond_Hair ^ Eyeglasses" and meta["groups"] == ["women", "men"]
+    assert meta["image_size"] == [80, 80] and len(meta["content_hash"]) == 64
+
+
+def test_synthetic_label_noise_and_xor_cases():
+    rng = np.random.default_rng(0)
+    attrs = data.synth_attributes(20000, rng, both=0.25)
+    blond, glasses = attrs[:, 0].astype(bool), attrs[:, 1].astype(bool)
+    negatives = ~(blond ^ glasses)
+    assert abs((blond & glasses)[negatives].mean() - 0.25) < 0.02  # the cell that tells XOR from OR is populated
+    args = data.parse_args(["synthetic", "--n", "2000", "--noise", "0.2", "--out", "unused"])
+    split = data.synthetic_source(args, None)["splits"]
+    for s, rate in (("train", 0.2), ("test", 0.0)):  # noise on train/val only
+        a = split[s]["attrs"]
+        flipped = split[s]["labels"] != (a[:, 0] ^ a[:, 1])
+        assert abs(flipped.mean() - rate) < 0.04, (s, flipped.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# storage and loading
+
+def test_beton_round_trip_is_exact(synth):
+    args = data.parse_args([*SYNTH_ARGS, "--out", "unused"])
+    src = data.synthetic_source(args, None)["splits"]
+    for s in data.SPLITS:
+        x, y, g = data.load_split(synth, s)
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 80, 80) and y.dtype == g.dtype == torch.int64
+        assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), src[s]["images"])
+        assert np.array_equal(y.numpy(), src[s]["labels"]) and np.array_equal(g.numpy(), src[s]["groups"])
+        assert np.array_equal(data.load_attrs(synth, s)[0], src[s]["attrs"])
+
+
+def test_backends_give_the_same_batches(synth):
+    n = data.read_meta(synth)["splits"]["val"]["n"]
+    x, y, g = data.load_split(synth, "val")
+    threads = torch.get_num_threads()
+    ffcv = data.make_loader(synth, "val", 16, False, "cpu", backend="ffcv")
+    res = data.make_loader(synth, "val", 16, False, torch.device("cpu"))
+    fb = [tuple(t.clone() for t in b) for b in ffcv]  # ffcv batches are views of reused buffers
+    rb = list(res)
+    assert torch.get_num_threads() == threads  # ffcv's set_num_threads was undone
+    assert len(fb) == len(rb) == len(ffcv) == len(res) == -(-n // 16)
+    for a, b in zip(fb, rb):
+        for t, u in zip(a, b):
+            assert torch.equal(t, u)
+    assert torch.equal(torch.cat([b[0] for b in rb]), x) and torch.equal(torch.cat([b[1] for b in rb]), y)
+    # training order: a permutation drawn from (seed, epoch), the same for both backends
+    tr_f = data.make_loader(synth, "train", 32, True, "cpu", backend="ffcv", seed=3)
+    tr_r = data.make_loader(synth, "train", 32, True, "cpu", seed=3)
+    for epoch in (0, 1):
+        tr_f.set_epoch(epoch)
+        tr_r.set_epoch(epoch)
+        assert torch.equal(torch.cat([b[0].clone() for b in tr_f]), torch.cat([b[0] for b in tr_r]))
+
+
+def test_resident_order_subsets_and_ranks(synth):
+    x, y, g = data.load_split(synth, "train")
+    n = len(x)
+    L = data.make_loader(synth, "train", 32, True, "cpu", seed=1)
+    assert len(L) == n // 32
+    pos = L.order()
+    assert len(pos) == n // 32 * 32 and len(set(pos.tolist())) == len(pos)
+    assert torch.equal(torch.cat([b[0] for b in L]), x[pos])  # iterating uses that order, then moves on an epoch
+    assert not torch.equal(L.order(), pos)
+    L.set_epoch(0)
+    assert torch.equal(L.order(), pos)
+    # subsets by index, and DDP ranks: same global permutation, rank r takes positions r, r + world, ...
+    idx = torch.arange(0, n, 3)
+    ranks = [data.make_loader(synth, "train", 8, True, "cpu", indices=idx, seed=1, rank=r, world_size=2)
+             for r in (0, 1)]
+    solo = data.make_loader(synth, "train", 8, True, "cpu", indices=idx, seed=1)
+    full = torch.randperm(len(idx), generator=torch.Generator().manual_seed(
+        int(np.random.SeedSequence([1, 0]).generate_state(1)[0])))
+    assert torch.equal(solo.order(), full[: len(idx) // 8 * 8])
+    for r, rl in enumerate(ranks):
+        assert len(rl) == (len(idx) // 2) // 8
+        pos = rl.order()
+        assert torch.equal(pos, full[r::2][: len(rl) * 8])
+        assert torch.equal(torch.cat([b[1] for b in rl]), y[idx][pos])
+    ev = [data.make_loader(synth, "val", 7, False, "cpu", rank=r, world_size=2) for r in (0, 1)]
+    got = torch.cat([torch.cat([b[1] for b in e]) for e in ev])
+    assert len(got) == data.read_meta(synth)["splits"]["val"]["n"]  # evaluation: every sample exactly once
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# augmentation
+
+OFF = dict(crop_p=0, flip_p=0, rotate_p=0, erase_p=0, color_p=0, blur_p=0)
+
+
+@pytest.fixture(scope="module")
+def batch(synth):
+    return data.load_split(synth, "val")[0][:32]
+
+
+def test_augment_shapes_range_and_identity(batch):
+    lo = (0 - torch.tensor(data.IMAGENET_MEAN) * 255) / (torch.tensor(data.IMAGENET_STD) * 255)
+    hi = (255 - torch.tensor(data.IMAGENET_MEAN) * 255) / (torch.tensor(data.IMAGENET_STD) * 255)
+    for out in (80, 112):
+        a = data.augment(batch, out, torch.Generator().manual_seed(0))
+        assert a.shape == (32, 3, out, out) and a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a >= lo.view(1, 3, 1, 1) - 1e-5).all() and (a <= hi.view(1, 3, 1, 1) + 1e-5).all()
+        assert torch.equal(data.augment(batch, out, **OFF), data.prepare(batch, out))
+    p = data.prepare(batch, 80)  # at native size prepare is exactly (x / 255 - mean) / std
+    ref = (batch.float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        data.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(p, ref, atol=1e-5)
+
+
+def test_augment_is_per_sample_and_seedable(batch):
+    same = batch[:1].repeat(64, 1, 1, 1)
+    a = data.augment(same, 80, torch.Generator().manual_seed(1))
+    assert len(torch.unique(a.flatten(1), dim=0)) == 64  # every copy drew its own parameters
+    assert torch.equal(a, data.augment(same, 80, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, data.augment(same, 80, torch.Generator().manual_seed(2)))
+    flips = data.augment(batch.repeat(8, 1, 1, 1), 80, torch.Generator().manual_seed(3), **{**OFF, "flip_p": 0.5})
+    ref = data.prepare(batch.repeat(8, 1, 1, 1), 80)
+    flipped = (flips == ref.flip(-1)).flatten(1).all(1)
+    kept = (flips == ref).flatten(1).all(1)
+    assert (flipped | kept).all() and 0.35 < flipped.float().mean() < 0.65
+
+
+def test_augment_ops_do_what_they_say(batch):
+    x = batch.repeat(4, 1, 1, 1)
+    ref = data.prepare(x, 80)
+    fill = ((torch.tensor(data.ERASE_FILL) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(
+        data.IMAGENET_STD)).view(1, 3, 1, 1)
+    er = data.augment(x, 80, torch.Generator().manual_seed(4), **{**OFF, "erase_p": 1.0})
+    frac = (er != ref).any(1).float().mean((1, 2))
+    boxed = torch.isclose(er, fill, atol=1e-5).all(1).float().mean((1, 2))
+    assert (boxed >= frac - 1e-6).all() and (frac <= 0.4 + 0.05).all() and (boxed > 0.01).float().mean() > 0.8
+    rot = data.augment(x, 80, torch.Generator().manual_seed(5), **{**OFF, "rotate_p": 1.0, "max_angle": 0.5})
+    black = ((0 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)).view(1, 3)
+    corners = rot[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].permute(0, 2, 1)  # [B, 4, 3]
+    assert torch.isclose(corners, black, atol=1e-5).all(-1).any(-1).float().mean() > 0.7  # black fill
+    col = data.augment(x, 80, torch.Generator().manual_seed(6), **{**OFF, "color_p": 1.0, "saturation": (1.0, 1.0)})
+    brighter = (col * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)).mean((1, 2, 3)) >= (
+        ref * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)).mean((1, 2, 3)) - 1e-4
+    assert brighter.all()
+    bl = data.augment(x, 80, torch.Generator().manual_seed(7), **{**OFF, "blur_p": 1.0, "blur_sigma": (1.5, 2.0)})
+    tv = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean((1, 2, 3))
+    assert (tv(bl) < tv(ref)).all()  # smoother
+    cr = data.augment(x, 80, torch.Generator().manual_seed(8), **{**OFF, "crop_p": 1.0})
+    assert ((cr - ref).abs().flatten(1).amax(1) > 0).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_augment_on_cuda(batch):
+    x = batch.cuda()
+    a = data.augment(x, 224, torch.Generator("cuda").manual_seed(0))
+    assert a.is_cuda and a.shape == (32, 3, 224, 224)
+    assert torch.equal(data.augment(x, 224, **OFF), data.prepare(x, 224))
+    assert torch.allclose(data.prepare(x, 224).cpu(), data.prepare(batch, 224), atol=1e-4)
+
+
+def test_torchvision_baseline_runs(batch):
+    out = data.torchvision_transform(96)(Image.fromarray(batch[0].permute(1, 2, 0).numpy()))
+    assert out.shape == (3, 96, 96) and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# importers
+
+def test_criterion_parser_is_safe():
+    names = ["Blond_Hair", "Eyeglasses", "Male", "Young"]
+    a = {n: np.array([0, 1, 1, 0, 1]) > 0 for n in names}
+    a["Eyeglasses"] = np.array([0, 0, 1, 1, 1]) > 0
+    f = data.parse_criterion("Blond_Hair ^ Eyeglasses", names)
+    assert f(a).tolist() == [False, True, False, True, False]
+    g = data.parse_criterion("not Male and ~Eyeglasses | Young", names)  # Python precedence: | before and
+    assert g(a).tolist() == [True, False, False, False, False]
+    for bad in ("__import__('os').system('true')", "Blond_Hair + 1", "Hat", "Male.real", "Male ^", "[Male]"):
+        with pytest.raises(data.DataError):
+            data.parse_criterion(bad, names)
+
+
+def test_challenge_importer(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "challenge"
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    lines = []
+    for i in range(16):
+        rand_image(rng).save(root / "train" / f"{i:06d}.jpg")
+        lines.append(f"{i:06d}.jpg\t{1 if i % 4 < 2 else -1}\t{1 if i % 2 else -1}")
+    (root / "train" / "000099.jpg").write_bytes(b"\xff\xd8 not really a jpeg")  # corrupt, listed
+    lines.append("000099.jpg\t1\t1")
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    for i in range(5):
+        rand_image(rng).save(root / "test" / f"{i:06d}.jpg")
+    (root / "test" / "notes.txt").write_text("not an image")
+    out = str(tmp_path / "out")
+    data.main(["challenge", "--root", str(root), "--out", out, "--val-frac", "0.25"])
+    meta = data.read_meta(out)
+    assert meta["classes"] == ["-1", "1"] and meta["groups"] == ["women", "men"]
+    assert sorted(s["file"] for s in meta["skipped"]) == ["000099.jpg", "notes.txt"] and meta["n_skipped"] == 2
+    assert meta["splits"]["train"]["n"] == 12 and meta["splits"]["val"]["n"] == 4  # one per label x group cell
+    assert {(c["label"], c["group"]) for c in meta["splits"]["val"]["cells"]} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert meta["splits"]["test"]["files"] == [f"{i:06d}.jpg" for i in range(5)]
+    assert not meta["splits"]["test"]["labelled"]
+    x, y, g = data.load_split(out, "test")
+    assert (y == -1).all() and (g == -1).all()
+    assert np.array_equal(x[2].permute(1, 2, 0).numpy(), np.asarray(Image.open(root / "test" / "000002.jpg")))
+    x, y, g = data.load_split(out, "train")
+    for xi, yi, gi in zip(x, y, g):  # find each stored image's source row and check its label and group
+        i = next(i for i in range(16) if np.array_equal(
+            xi.permute(1, 2, 0).numpy(), np.asarray(Image.open(root / "train" / f"{i:06d}.jpg"))))
+        assert (int(yi), int(gi)) == (int(i % 4 < 2), i % 2)
+
+
+def test_folder_importer(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "masks"
+    rows = ["path,group"]
+    for cls in ("mask", "no_mask"):
+        for i in range(8):
+            sub = root / cls / f"person{i % 2}"
+            sub.mkdir(parents=True, exist_ok=True)
+            rand_image(rng, 100, 120).save(sub / f"{i}.png")  # not square, not 80: centre crop + resize
+            rows.append(f"{cls}/person{i % 2}/{i}.png,{'female' if i % 2 else 'male'}")
+    (root / "mask" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "no_mask" / "list.csv").write_text("a,b\n")
+    (tmp_path / "groups.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    data.main(["folder", "--root", str(root), "--groups", str(tmp_path / "groups.csv"), "--split", "0.5,0.25,0.25",
+               "--out", out])
+    meta = data.read_meta(out)
+    assert meta["classes"] == ["mask", "no_mask"] and meta["groups"] == ["female", "male"]
+    assert sorted(s["file"] for s in meta["skipped"]) == ["mask/broken.png", "no_mask/list.csv"]
+    assert [meta["splits"][s]["n"] for s in data.SPLITS] == [8, 4, 4]
+    x, y, g = data.load_split(out, "train")
+    assert x.shape[1:] == (3, 80, 80) and sorted(set(g.tolist())) == [0, 1] and sorted(set(y.tolist())) == [0, 1]
+
+
+def test_aaf_importer(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "All-Age-Faces Dataset" / "aligned faces"
+    folder.mkdir(parents=True)
+    names = [f"{s:05d}A{age:02d}.jpg" for s, age in [(0, 2), (12, 30), (500, 41), (7380, 77), (7381, 5), (8000, 19),
+                                                    (9000, 50), (13321, 80)]]
+    for nm in names:
+        rand_image(rng).save(folder / nm)
+    (folder / "00013A22.jpg").write_bytes(b"garbage")
+    (folder / "readme.txt").write_text("hello")
+    out = str(tmp_path / "out")
+    data.main(["aaf", "--root", str(tmp_path / "All-Age-Faces Dataset"), "--split", "0.5,0.25,0.25", "--out", out])
+    meta = data.read_meta(out)
+    assert meta["classes"] == ["female", "male"] and meta["attributes"] == ["Male", "Age"]
+    assert sorted(s["file"] for s in meta["skipped"]) == ["00013A22.jpg", "readme.txt"]
+    labels, ages = [], []
+    for s in data.SPLITS:
+        labels += data.load_split(out, s)[1].tolist()
+        ages += data.load_attrs(out, s)[0][:, 1].tolist()
+    assert sorted(labels) == [0] * 4 + [1] * 4 and sorted(ages) == [2, 5, 19, 30, 41, 50, 77, 80]
+
+
+CELEBA_ATTRS = ["Attractive", "Blond_Hair", "Eyeglasses", "Male", "Young"]
+
+
+def celeba_rows(rng, n):
+    """n random 178x218 'aligned faces' (JPEG bytes) and attribute rows."""
+    imgs = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        rand_image(rng, 218, 178).save(buf, "JPEG")
+        imgs.append(buf.getvalue())
+    return imgs, rng.integers(0, 2, (n, len(CELEBA_ATTRS))).astype(bool)
+
+
+def expected_80(jpeg):
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").crop((0, 20, 178, 198)).resize(
+        (80, 80), Image.Resampling.BOX))
+
+
+def check_celeba(out, per_split):
+    meta = data.read_meta(out)
+    assert meta["attributes"] == CELEBA_ATTRS and meta["groups"] == ["women", "men"]
+    for s, (imgs, attrs) in per_split.items():
+        x, y, g = data.load_split(out, s)
+        a, _ = data.load_attrs(out, s)
+        assert np.array_equal(a, attrs.astype(np.uint8))
+        assert np.array_equal(y.numpy(), attrs[:, 1] ^ attrs[:, 2]) and np.array_equal(g.numpy(), attrs[:, 3])
+        assert np.array_equal(x[0].permute(1, 2, 0).numpy(), expected_80(imgs[0]))
+    return meta
+
+
+def test_celeba_from_parquet_shards(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "hf" / data.CELEBA_CONFIG
+    folder.mkdir(parents=True)
+    kept = {}
+    for s, prefix, n in (("train", "train", 5), ("val", "valid", 3), ("test", "test", 3)):
+        imgs, attrs = celeba_rows(rng, n)
+        if s == "train":  # one corrupt row: skipped, listed
+            imgs[2] = b"broken"
+        cols = {"image": pa.array([{"bytes": b, "path": f"{s}{i}.jpg"} for i, b in enumerate(imgs)]),
+                "celeb_id": pa.array(np.arange(n))}
+        cols.update({a: pa.array(attrs[:, k]) for k, a in enumerate(CELEBA_ATTRS)})
+        pq.write_table(pa.table(cols), folder / f"{prefix}-00000-of-00001.parquet")
+        ok = [i for i in range(n) if imgs[i] != b"broken"]
+        kept[s] = ([imgs[i] for i in ok], attrs[ok])
+    out = str(tmp_path / "out")
+    data.main(["celeba", "--root", str(tmp_path / "hf"), "--out", out])
+    meta = check_celeba(out, kept)
+    assert [s["file"] for s in meta["skipped"]] == ["train2.jpg"]
+
+
+def test_celeba_from_official_files(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    imgs, attrs = celeba_rows(rng, 9)
+    part = [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    for i, b in enumerate(imgs):
+        (root / "img_align_celeba" / f"{i + 1:06d}.jpg").write_bytes(b)
+    lines = ["9", " ".join(CELEBA_ATTRS)] + [f"{i + 1:06d}.jpg " + " ".join(f"{1 if v else -1:>2}" for v in row)
+                                            for i, row in enumerate(attrs)]
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(part)))
+    out = str(tmp_path / "out")
+    data.main(["celeba", "--root", str(tmp_path), "--target", "Male", "--out", str(tmp_path / "gender")])
+    _, y, _ = data.load_split(str(tmp_path / "gender"), "train")
+    assert np.array_equal(y.numpy(), attrs[:4, 3])  # --target Male: a gender task
+    data.main(["celeba", "--root", str(root), "--out", out])
+    sel = {s: [i for i, p in enumerate(part) if p == k] for k, s in enumerate(data.SPLITS)}
+    check_celeba(out, {s: ([imgs[i] for i in ix], attrs[ix]) for s, ix in sel.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors: one line, nothing left behind
+
+def test_celeba_offline_names_the_ways_on(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_tree", offline)
+    msg = fails(["celeba", "--out", str(tmp_path / "celeba")])
+    assert "--root" in msg and "make data DATA=synthetic" in msg and "ConnectionError" in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_error_paths_leave_nothing(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    assert "not found" in fails(["challenge", "--root", str(tmp_path / "missing"), "--out", out])
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert "no files" in fails(["folder", "--root", str(tmp_path / "empty"), "--out", out])
+    ch = tmp_path / "ch"
+    (ch / "train").mkdir(parents=True)
+    (ch / "test").mkdir()
+    rand_image(np.random.default_rng(0)).save(ch / "train" / "a.jpg")
+    (ch / "train.txt").write_text("a.jpg\t1\t-1\nb.jpg\t-1\t1\n")
+    assert "does not match" in fails(["challenge", "--root", str(ch), "--out", out])
+    (ch / "train.txt").write_text("a.jpg 1\n")
+    assert "train.txt:1" in fails(["challenge", "--root", str(ch), "--out", out])
+    assert "unknown attribute" in fails(["synthetic", "--n", "30", "--criterion", "Smiling", "--out", out])
+    assert sorted(os.listdir(tmp_path)) == ["ch", "empty"]
+
+    def crash(path, split):  # a build killed while writing leaves no output and no temporary folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "write_beton", crash)
+    with pytest.raises(KeyboardInterrupt):
+        data.main(["synthetic", "--n", "30", "--out", out])
+    assert sorted(os.listdir(tmp_path)) == ["ch", "empty"]
+    os.mkdir(out)
+    assert "--force" in fails(["synthetic", "--n", "30", "--out", out])
+
+
+def test_cli_help_and_stderr_line(tmp_path):
+    for argv in (["--help"], ["synthetic", "--help"], ["celeba", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            data.parse_args(argv)
+        assert e.value.code == 0
+    r = subprocess.run([sys.executable, "data.py", "aaf", "--root", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], cwd=os.path.dirname(data.__file__), capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        data.read_meta(str(tmp_path))
