@@ -1,0 +1,209 @@
+"""evaluate.py: metrics on hand-computed cases, threshold fitting, and the CLI round trip and error paths."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate as ev
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# women: pred 1,0,1 vs label 1,1,1 -> 2/3; men: 1,0 vs 0,0 -> 1/2; the unknown-group sample counts only overall
+PRED = np.array([1, 0, 1, 1, 0, 0])
+LABEL = np.array([1, 1, 1, 0, 0, 0])
+GROUP = np.array([0, 0, 0, 1, 1, -1])
+
+
+def test_group_accuracies_and_fair_score_by_hand():
+    acc = ev.group_accuracies(PRED, LABEL, GROUP)
+    assert list(acc) == [0, 1]
+    assert acc[0] == pytest.approx(2 / 3) and acc[1] == pytest.approx(1 / 2)
+    assert ev.fair_score(acc) == pytest.approx(0.5 * (2 / 3 + 1 / 2) - (2 / 3 - 1 / 2))  # 5/12
+    assert ev.fair_score({0: 0.9, 1: 0.7}) == pytest.approx(0.8 - 0.2)
+    assert ev.fair_score({0: 0.7, 1: 0.9}) == pytest.approx(0.8 - 0.2)  # the gap is absolute
+    # torch tensors are accepted as well
+    assert ev.group_accuracies(torch.tensor(PRED), torch.tensor(LABEL), torch.tensor(GROUP)) == acc
+
+
+def test_compute_metrics_names_groups_in_order():
+    scores = np.eye(2)[PRED] * 3.0  # logits whose argmax is PRED
+    m = ev.compute_metrics(scores, LABEL, GROUP, n_boot=50)
+    assert m["group_accuracy"] == {"women": pytest.approx(2 / 3), "men": pytest.approx(1 / 2)}
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["fair_score"] == pytest.approx(5 / 12)
+    assert m["group_confusion"]["women"] == [[0, 0], [1, 2]]
+    assert m["group_confusion"]["men"] == [[1, 1], [0, 0]]
+    assert m["confusion"] == [[2, 1], [1, 2]]
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    json.dumps(m)  # JSON-able as it goes into report.json and log.jsonl
+    assert "fair_score" not in ev.compute_metrics(scores, LABEL, np.full(6, -1), fair=False)
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 0], [0, 1, 2], [-1, -1, -1]])
+def test_fair_score_needs_exactly_two_groups(groups):
+    acc = ev.group_accuracies(np.zeros(3), np.zeros(3), np.array(groups))
+    with pytest.raises(ValueError, match="exactly two groups"):
+        ev.fair_score(acc)
+
+
+def test_confusion_and_f1():
+    cm = ev.confusion([0, 1, 1, 1, 0, 2], [0, 1, 0, 1, 1, 2], num_classes=3)
+    assert cm.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    assert ev.f1([[5, 0], [0, 0]]) == 0.0  # no positives at all: 0, not a division error
+    per_class = [2 / 4, 4 / 6, 1.0]  # 2tp / (2tp + fp + fn) per class
+    assert ev.f1(cm) == pytest.approx(np.mean(per_class))
+
+
+def test_bootstrap_ci_matches_resampling_indices():
+    rng = np.random.default_rng(0)
+    n = 400
+    group = rng.integers(-1, 2, n)
+    label = rng.integers(0, 2, n)
+    pred = np.where(rng.random(n) < np.where(group == 1, 0.9, 0.7), label, 1 - label)
+    ci = ev.bootstrap_ci(pred, label, group, n_boot=4000, seed=1)
+    assert ci == ev.bootstrap_ci(pred, label, group, n_boot=4000, seed=1)  # seeded
+    point = ev.fair_score(ev.group_accuracies(pred, label, group))
+    assert ci["fair_score"][0] < point < ci["fair_score"][1]
+    # the plain bootstrap over resampled indices gives the same interval up to Monte Carlo noise
+    naive = []
+    for _ in range(2000):
+        i = rng.integers(0, n, n)
+        naive.append(ev.fair_score(ev.group_accuracies(pred[i], label[i], group[i])))
+    assert np.allclose(ci["fair_score"], np.percentile(naive, [2.5, 97.5]), atol=0.02)
+    lo, hi = ci["group_accuracy"][1]
+    assert lo < ev.group_accuracies(pred, label, group)[1] < hi
+
+
+def _logits(p):
+    """Two logits whose softmax gives p(class 1) = p."""
+    return np.stack([np.zeros_like(p), np.log(p / (1 - p))], 1)
+
+
+def test_thresholds_default_is_argmax():
+    scores = np.random.default_rng(0).normal(size=(100, 2))
+    group = np.random.default_rng(1).integers(0, 2, 100)
+    assert (ev.decide(scores, group, [0.5, 0.5]) == ev.decide(scores)).all()
+
+
+def test_fit_group_thresholds_improves_fair_score():
+    rng = np.random.default_rng(0)
+    n = 2000
+    group = rng.integers(0, 2, n)
+    label = rng.integers(0, 2, n)
+    # a calibrated score for women; for men the same score pushed up, so 0.5 makes many false positives
+    p = np.clip(0.5 + (label - 0.5) * 0.4 + rng.normal(0, 0.15, n) + 0.25 * group, 0.01, 0.99)
+    scores = _logits(p)
+    base = ev.compute_metrics(scores, label, group, n_boot=0)["fair_score"]
+    t = ev.fit_group_thresholds(scores, label, group)
+    fitted = ev.compute_metrics(scores, label, group, thresholds=t, n_boot=0)["fair_score"]
+    assert fitted > base + 0.05
+    assert abs(t[0] - 0.5) < 0.1 and t[1] > 0.6  # it moved the men's threshold, not the women's
+
+
+def test_fit_group_thresholds_is_optimal_on_small_case():
+    rng = np.random.default_rng(3)
+    n = 40
+    group, label = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    scores = _logits(rng.random(n))
+    t = ev.fit_group_thresholds(scores, label, group)
+    fitted = ev.fair_score(ev.group_accuracies(ev.decide(scores, group, t), label, group))
+    p = ev.positive_prob(scores)
+    # exhaustive search over every pair of thresholds that change a decision
+    cands = np.concatenate([[0.0], np.sort(p)])
+    best = max(ev.fair_score(ev.group_accuracies((p > np.where(group == 0, a, b)).astype(int), label, group))
+               for a, b in itertools.product(cands, cands))
+    assert fitted == pytest.approx(best)
+
+
+def test_fit_group_thresholds_needs_both_groups():
+    with pytest.raises(ValueError, match="both groups"):
+        ev.fit_group_thresholds(np.zeros((4, 2)), np.array([0, 1, 0, 1]), np.zeros(4, dtype=int))
+
+
+# -----------------------------------------------------------------------------
+# CLI (needs model.py and data.py)
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny synthetic data set and an untrained 2-class checkpoint for it (scores need not be good here)."""
+    root = tmp_path_factory.mktemp("eval")
+    data_dir = str(root / "data")
+    data.build(data.parse_args(["synthetic", "--n=300", "--size=32", f"--out={data_dir}"]))
+    torch.manual_seed(0)
+    net = model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=2))
+    ckpt = str(root / "tiny.safetensors")
+    model.save_checkpoint(ckpt, net, meta={"data": {"image_size": [32, 32]}})
+    return root, data_dir, ckpt
+
+
+def test_cli_round_trip(tiny):
+    root, data_dir, ckpt = tiny
+    out, sub = root / "eval", root / "submission.txt"
+    proc = run_cli("--ckpt", ckpt, "--data", data_dir, "--split", "test", "--out", str(out), "--submit", str(sub),
+                   "--n_boot", "100")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    for key in ("accuracy", "group_accuracy", "fair_score", "fair_score_ci", "f1", "confusion", "group_confusion"):
+        assert key in report
+    assert list(report["group_accuracy"]) == ["women", "men"]
+    t = report["thresholded"]
+    assert t["fitted_on"] == "val" and len(t["thresholds"]) == 2 and "fair_score" in t
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "fair" in proc.stdout and "women" in proc.stdout
+    # the submission: one -1/1 per test sample, in order, the argmax of the model's logits
+    lines = sub.read_text().splitlines()
+    x, y, _ = data.load_split(data_dir, "test")
+    net = model.load_checkpoint(ckpt)[0].eval()
+    with torch.no_grad():
+        pred = net(data.prepare(x, 32)).argmax(1)
+    assert lines == ["1" if p == 1 else "-1" for p in pred.tolist()]
+    assert report["accuracy"] == pytest.approx((pred == y).float().mean().item())
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def cli_error(*args):
+    with pytest.raises(SystemExit) as e:
+        ev.main(list(args))
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_cli_errors(tiny, tmp_path):
+    root, data_dir, ckpt = tiny
+    assert "no checkpoint file" in cli_error("--ckpt", str(tmp_path / "nope.safetensors"), "--data", data_dir)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    assert "not a checkpoint of ours" in cli_error("--ckpt", str(junk), "--data", data_dir)
+    assert "split 'dev' is not in" in cli_error("--ckpt", ckpt, "--data", data_dir, "--split", "dev")
+    cli_error("--ckpt", ckpt, "--data", str(tmp_path / "nodata"))  # whatever data.read_meta says, on one line
+    other = str(tmp_path / "three.safetensors")  # a checkpoint for another task: 3 classes
+    model.save_checkpoint(other, model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=3)))
+    assert "predicts 3 classes" in cli_error("--ckpt", other, "--data", data_dir)
+    big = str(tmp_path / "big.safetensors")  # trained on 80x80 images, asked to score 32x32 ones
+    model.save_checkpoint(big, model.load_checkpoint(ckpt)[0], meta={"data": {"image_size": [80, 80]}})
+    assert "trained on [80, 80] images" in cli_error("--ckpt", big, "--data", data_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_group_labels(tiny, tmp_path, capsys):
+    _, _, ckpt = tiny
+    no_groups = str(tmp_path / "nogroups")
+    data.build(data.parse_args(["synthetic", "--n=100", "--size=32", "--group=none", f"--out={no_groups}"]))
+    assert "no group labels" in cli_error("--ckpt", ckpt, "--data", no_groups)
+    ev.main(["--ckpt", ckpt, "--data", no_groups, "--no_fair", "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "accuracy" in report and "fair_score" not in report and "accuracy" in capsys.readouterr().out

@@ -1,0 +1,190 @@
+"""train_vit.py: config parsing, the recipe's pieces, and tiny CPU runs (checkpoints, determinism, resume, DDP)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model
+import train_vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
+        "--batch_size=16", "--eval_batch_size=64", "--device=cpu"]
+VOLATILE = {"time_s", "img_per_s"}  # wall-clock numbers in log.jsonl; everything else must reproduce exactly
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    data.build(data.parse_args(["synthetic", "--n=400", "--size=32", f"--out={out}"]))  # 320 / 40 / 40 images
+    return out
+
+
+def run(tiny_data, out_dir, *args):
+    train_vit.main([*TINY, f"--data={tiny_data}", f"--out_dir={out_dir}", *args])
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in f]
+
+
+def weights(path):
+    return model.load_checkpoint(str(path))[0].state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "ref")
+    run(tiny_data, out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# config
+
+def test_config_overrides_presets_and_types():
+    cfg = train_vit.parse_config(["--lr=0.1", "--config=demo", "--epochs=3", "--resume=true", "--data=d"])
+    assert cfg["lr"] == 0.1 and cfg["epochs"] == 3 and cfg["resume"] is True and cfg["data_dir"] == "d"
+    assert cfg["init"] == "scratch" and cfg["img_size"] == 80  # from the demo preset, whatever the argument order
+    assert train_vit.parse_config([])["opt"] == "sing"
+    recipe = train_vit.parse_config(["--config=seed_recipe"])
+    assert (recipe["init"], recipe["img_size"], recipe["lr"], recipe["weight_decay"], recipe["batch_size"],
+            recipe["epochs"], recipe["warmup"], recipe["loss"], recipe["smoothing"]) == \
+        ("dino", 224, 5e-4, 5e-3, 64, 10, 0.05, "bce_smooth", 0.1)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--nope=1", "unknown config key --nope"),
+    ("--epochs=2.5", "--epochs=2.5 is not a int"),
+    ("--resume=maybe", "is not a bool"),
+    ("--loss=mse", "--loss=mse is not one of"),
+    ("--config=fast", "unknown preset"),
+    ("epochs=2", "expected --key=value"),
+])
+def test_config_errors(arg, message):
+    with pytest.raises(SystemExit) as e:
+        train_vit.parse_config([arg])
+    assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+
+
+# -----------------------------------------------------------------------------
+# the recipe's pieces
+
+def test_schedule_matches_transformers_cosine_with_warmup():
+    transformers = pytest.importorskip("transformers")
+    c = train_vit.SimpleNamespace(lr=5e-4, warmup=0.05)
+    total = 200
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    sched = transformers.get_cosine_schedule_with_warmup(opt, 0.05 * total, total)
+    for it in range(total):
+        assert train_vit.lr_at(c, it, total) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()
+    assert train_vit.lr_at(c, 0, total) == 0 and train_vit.lr_at(c, 10, total) == pytest.approx(5e-4)
+
+
+def test_bce_smooth_loss_by_hand():
+    c = train_vit.SimpleNamespace(loss="bce_smooth", smoothing=0.1)
+    logits, y, g = torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]), torch.tensor([0, 1])
+    bce = lambda z, t: -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+    expected = bce(2.0, 0.9) + bce(-1.0, 0.1) + bce(0.5, 0.1) + bce(0.5, 0.9)  # summed, 0.9 / 0.1 targets
+    assert train_vit.loss_fn(c, logits, y, g, None).item() == pytest.approx(expected, rel=1e-6)
+    # a weight per (label, group) cell: sample 0 is cell (0, 0), sample 1 is cell (1, 1)
+    w = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    assert train_vit.loss_fn(c, logits, y, g, w).item() == pytest.approx(2 * (bce(2.0, 0.9) + bce(-1.0, 0.1)), rel=1e-6)
+    focal = train_vit.SimpleNamespace(loss="focal", focal_gamma=0.0)  # gamma 0 is cross-entropy
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    assert train_vit.loss_fn(focal, logits, y, g, None).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_train_indices_balanced_and_groups():
+    labels = torch.tensor([0] * 10 + [1] * 4 + [0] * 3 + [1] * 1)
+    groups = torch.tensor([0] * 14 + [1] * 4)
+    c = lambda **kw: train_vit.SimpleNamespace(**{"train_groups": "", "sampler": "random", "seed": 0, **kw})
+    assert train_vit.train_indices(c(), labels, groups) is None
+    women = train_vit.train_indices(c(train_groups="0"), labels, groups)
+    assert (groups[women] == 0).all() and len(women) == 14
+    idx = train_vit.train_indices(c(sampler="balanced"), labels, groups)
+    cells = torch.bincount(2 * labels[idx] + groups[idx], minlength=4)
+    assert cells.tolist() == [10, 10, 10, 10]  # every cell oversampled to the largest (label 0, women)
+    assert set(idx[(labels[idx] == 1) & (groups[idx] == 1)].tolist()) == {17}
+
+
+def test_no_decay_group_by_name():
+    net = model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=2))
+    no_decay = {n for n, _ in net.named_parameters() if any(k in n for k in train_vit.NO_DECAY)}
+    assert "blocks.0.norm1.weight" in no_decay and "head.bias" in no_decay and "norm.weight" in no_decay
+    assert "blocks.0.attn.qkv.weight" not in no_decay and "pos_embed" not in no_decay
+
+
+# -----------------------------------------------------------------------------
+# tiny runs
+
+def test_tiny_run_writes_valid_checkpoints(reference_run):
+    log = read_log(reference_run)
+    assert [h["epoch"] for h in log] == [1, 2]
+    for key in ("train_loss", "grad_norm", "accuracy", "group_accuracy", "fair_score", "fair_score_ci", "f1"):
+        assert key in log[-1]
+    net, meta, state = model.load_checkpoint(os.path.join(reference_run, "best.safetensors"))
+    assert meta["metrics"]["fair_score"] == max(h["fair_score"] for h in log)
+    assert meta["config"]["dim"] == 32 and meta["data"]["image_size"] == [32, 32] and state is None
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    _, meta, state = model.load_checkpoint(os.path.join(reference_run, "last.safetensors"))
+    assert state["epoch"] == 1 and meta["epoch"] == 2 and len(state["history"]) == 2 and state["optimizer"]["state"]
+    with open(os.path.join(reference_run, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(reference_run) if f.endswith(".tmp")]
+
+
+def test_sweep_reproduces_the_single_run(tiny_data, reference_run, tmp_path):
+    # seed 0 of the sweep is the reference run again: identical metrics and weights (determinism on CPU)
+    train_vit.main([*TINY, f"--data={tiny_data}", "--sweep=0 1", f"--sweep_dir={tmp_path}"])
+    assert read_log(tmp_path / "seed0") == read_log(reference_run)
+    a, b = weights(tmp_path / "seed0" / "last.safetensors"), weights(os.path.join(reference_run, "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(tmp_path / "seed1") != read_log(reference_run)  # the seed matters
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 0 |" in table and "| 1 |" in table and "mean ± std" in table
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny_data, reference_run, tmp_path):
+    run(tiny_data, tmp_path, "--stop_after=1")  # the "kill": one epoch of the 2-epoch schedule
+    assert len(read_log(tmp_path)) == 1
+    run(tiny_data, tmp_path, "--resume=True")
+    assert read_log(tmp_path) == read_log(reference_run)
+    a, b = weights(tmp_path / "last.safetensors"), weights(os.path.join(reference_run, "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypatch):
+    run(tiny_data, tmp_path, "--stop_after=1")
+    good = (tmp_path / "last.safetensors").read_bytes()
+    monkeypatch.setattr(train_vit, "loss_fn", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as e:
+        run(tiny_data, tmp_path, "--resume=True")
+    assert str(e.value.code).startswith("error: non-finite loss") and "epoch 2" in str(e.value.code)
+    assert (tmp_path / "last.safetensors").read_bytes() == good
+
+
+def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
+    # same global batch (16 = 2 x 8), no augmentation (each rank draws its own), rank-strided data shards
+    args = [*TINY, f"--data={tiny_data}", "--augment=False"]
+    train_vit.main([*args, f"--out_dir={tmp_path / 'one'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_vit.py"), *args, f"--out_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(tmp_path / "one" / "last.safetensors"), weights(tmp_path / "two" / "last.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [h["accuracy"] for h in one] == [h["accuracy"] for h in two]
+    assert [h["n"] for h in two] == [40, 40]  # the two ranks' validation shards were gathered, not one rank's
+    assert [h["train_loss"] for h in one] == pytest.approx([h["train_loss"] for h in two], rel=1e-4)

@@ -1,0 +1,447 @@
+"""
+Fine-tune a ViT (DINO ViT-S/8 by default) on a data.py data set for fair face-attribute classification.
+
+nanoGPT-style: the values in the config block below are the defaults, and the defaults ARE the seed recipe
+(seed0_dino.md §1.3-1.4). Override any of them with --key=value (type-checked against the default), or start
+from a preset with --config=NAME (seed_recipe, demo); unknown keys are an error.
+
+    python train_vit.py --config=seed_recipe --data=data/celeba --seed=3 --out_dir=runs/seed3
+    python train_vit.py --config=seed_recipe --data=data/celeba --img_size=80          # native 80x80, ~10x cheaper
+    python train_vit.py --sweep="0 1 2" --config=seed_recipe --data=data/celeba       # runs/seed<N>, runs/sweep.md
+    torchrun --standalone --nproc_per_node=8 train_vit.py --data=data/celeba          # DDP: NCCL on GPU, gloo on CPU
+
+A run writes out_dir/log.jsonl (one line per epoch, validation metrics under evaluate.py's names),
+best.safetensors (best validation fair score), last.safetensors (+ optimizer, RNG and epoch state for
+resume=True) and curves.png.
+"""
+
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import evaluate
+import model
+from sing import SING
+
+# -----------------------------------------------------------------------------
+# config (defaults = the seed recipe)
+# I/O
+data_dir = "data/celeba"  # a data.py output folder (--data=... sets it)
+out_dir = "runs/vit"
+resume = False  # continue from out_dir/last.safetensors if it exists
+sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
+sweep_dir = "runs"
+# model
+init = "dino"  # dino: model.load_pretrained(pretrained) | scratch: random init of model.PRESETS[arch]
+pretrained = "facebook/dino-vits8"  # Hub id or local weights file (init=dino)
+arch = "vit_small_patch8"  # model.PRESETS name (init=scratch)
+dim = 0  # init=scratch size overrides of the preset; 0 keeps the preset's value
+depth = 0
+heads = 0
+patch_size = 0
+img_size = 224  # the model's input: 80x80 images are resized (bicubic) on the device; 80 = native, 10x10 patches
+drop_path = 0.0
+# data
+augment = True  # the original augmentation list (data.augment); False = resize + normalise only
+augment_kw = ""  # overrides of data.augment's scalar parameters, e.g. "erase_p=0,blur_p=0,max_angle=0.2"
+sampler = "random"  # random | balanced: oversample every label x group cell to the size of the largest
+train_groups = ""  # e.g. "0": train on these group ids only (0 = women, 1 = men), comma-separated
+backend = "resident"  # data.make_loader backend: resident | ffcv
+# loss
+loss = "bce_smooth"  # bce_smooth: BCE-with-logits on the 2 logits, targets 1-s / s (the recipe) | ce | focal
+smoothing = 0.1
+focal_gamma = 2.0
+group_weights = ""  # loss weight per (label, group) cell "w00,w01,w10,w11" (label-major), e.g. "1,1,1,3"
+# optimisation
+opt = "sing"  # sing | adamw
+lr = 5e-4
+weight_decay = 5e-3  # not on biases and norms (the recipe's no-decay group, by parameter name)
+warmup = 0.05  # linear warmup over this fraction of all iterations, then cosine to 0 at the end of `epochs`
+epochs = 10  # also the schedule's horizon
+stop_after = 0  # stop after this many epochs (0 = all): a short run that resume=True continues exactly
+batch_size = 64  # global: split evenly over DDP ranks
+eval_batch_size = 256
+# system
+seed = 0
+device = "auto"  # auto = cuda if available, else cpu
+compile = True  # torch.compile the model on CUDA (CPU runs stay eager and fp32)
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+CHOICES = {"init": ("dino", "scratch"), "sampler": ("random", "balanced"), "backend": ("resident", "ffcv"),
+           "loss": ("bce_smooth", "ce", "focal"), "opt": ("sing", "adamw")}
+PRESETS = {
+    "seed_recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
+    # make demo: a tiny ViT from scratch at native 80x80 on 2 CPU cores, ~6 minutes of training on data/demo
+    "demo": dict(init="scratch", arch="vit_tiny", img_size=80, opt="adamw", lr=2e-3, weight_decay=0.05, epochs=8,
+                 batch_size=128, warmup=0.1, loss="ce"),
+}
+NO_DECAY = ("bias", "bn", "norm", "layernorm")  # the recipe's name patterns (Train.py L183-187)
+
+
+def parse_config(argv):
+    """Defaults, then the --config=NAME presets, then every --key=value, cast to the default's type."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\nconfig (default):\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
+            print("presets: " + ", ".join(f"--config={k}" for k in PRESETS))
+            sys.exit(0)
+        if not (arg.startswith("--") and "=" in arg):
+            sys.exit(f"error: expected --key=value, got '{arg}'")
+    for arg in argv:
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+            if name not in PRESETS:
+                sys.exit(f"error: unknown preset --config={name} (presets: {', '.join(PRESETS)})")
+            cfg.update(PRESETS[name])
+    for arg in argv:
+        key, val = arg[2:].split("=", 1)
+        key = "data_dir" if key == "data" else key
+        if key == "config":
+            continue
+        if key not in DEFAULTS:
+            sys.exit(f"error: unknown config key --{key} (see --help)")
+        cfg[key] = cast(key, val, DEFAULTS[key])
+    for key, options in CHOICES.items():
+        if cfg[key] not in options:
+            sys.exit(f"error: --{key}={cfg[key]} is not one of {', '.join(options)}")
+    return cfg
+
+
+def cast(key, val, default):
+    try:
+        if isinstance(default, bool):
+            return {"true": True, "1": True, "false": False, "0": False}[val.lower()]
+        return type(default)(val)
+    except (KeyError, ValueError):
+        sys.exit(f"error: --{key}={val} is not a {type(default).__name__} (default {default!r})")
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+def augment_kwargs(text):
+    """"erase_p=0,blur_p=0" -> {"erase_p": 0.0, "blur_p": 0.0}, checked against data.augment's parameters."""
+    known = inspect.signature(data.augment).parameters
+    kw = {}
+    for item in filter(None, text.split(",")):
+        key, _, val = item.partition("=")
+        try:
+            kw[key.strip()] = float(val)
+        except ValueError:
+            sys.exit(f"error: augment_kw item '{item}' is not name=number")
+        if key.strip() not in known or key.strip() in ("x_u8", "out_size", "generator"):
+            sys.exit(f"error: augment_kw: data.augment has no parameter '{key.strip()}'")
+    return kw
+
+
+def build_model(c, num_classes):
+    if c.init == "dino":
+        try:
+            return model.load_pretrained(c.pretrained, img_size=c.img_size, num_classes=num_classes,
+                                         drop_path=c.drop_path)
+        except (OSError, RuntimeError, ValueError) as e:
+            sys.exit(f"error: {e}")
+    sizes = {k: getattr(c, k) for k in ("dim", "depth", "heads", "patch_size") if getattr(c, k)}
+    cfg = replace(model.PRESETS[c.arch], img_size=c.img_size, num_classes=num_classes, drop_path=c.drop_path, **sizes)
+    return model.ViT(cfg)
+
+
+def train_indices(c, labels, groups):
+    """The train split's sample indices after train_groups and the balanced sampler; None = all, in order."""
+    if not c.train_groups and c.sampler == "random":
+        return None
+    idx = torch.arange(len(labels))
+    if c.train_groups:
+        keep = torch.tensor([int(g) for g in c.train_groups.split(",")])
+        idx = idx[torch.isin(groups, keep)]
+        if len(idx) == 0:
+            sys.exit(f"error: no training sample in groups {c.train_groups}")
+    if c.sampler == "balanced":
+        # every non-empty label x group cell tiled (whole copies, then a seeded random remainder) to the size of
+        # the largest one; the loader shuffles them each epoch
+        cells = [idx[(labels[idx] == y) & (groups[idx] == g)] for y in labels.unique() for g in groups.unique()]
+        cells = [cell for cell in cells if len(cell)]
+        n = max(len(cell) for cell in cells)
+        gen = torch.Generator().manual_seed(c.seed)
+        idx = torch.cat([torch.cat([cell.repeat(n // len(cell)), cell[torch.randperm(len(cell), generator=gen)
+                                                                          [: n % len(cell)]]]) for cell in cells])
+    return idx
+
+
+def loss_fn(c, logits, y, g, cell_weights):
+    """Summed over the batch, as the recipe (reduction="sum"); SING and Adam normalise the gradient scale away."""
+    if c.loss == "bce_smooth":  # two independent sigmoids against 0.9 / 0.1 targets for smoothing 0.1
+        target = F.one_hot(y, logits.shape[1]).float() * (1 - 2 * c.smoothing) + c.smoothing
+        per_sample = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
+    elif c.loss == "ce":
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+    else:  # focal (Lin et al. 2017): down-weights the easy samples
+        logp = F.log_softmax(logits, 1).gather(1, y[:, None])[:, 0]
+        per_sample = -((1 - logp.exp()) ** c.focal_gamma) * logp
+    if cell_weights is not None:
+        per_sample = per_sample * cell_weights[2 * y + g]
+    return per_sample.sum()
+
+
+def lr_at(c, it, total):
+    """transformers' get_cosine_schedule_with_warmup, as the original: lr 0 at the first step, peak after warmup."""
+    warm = c.warmup * total
+    if it < warm:
+        return c.lr * it / max(1.0, warm)
+    return c.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * (it - warm) / max(1.0, total - warm))))
+
+
+def gather(t, world):
+    """All ranks' tensors [n_r, ...] concatenated (rank order); pads to the largest n_r for all_gather."""
+    if world == 1:
+        return t
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+def rng_states(gen, device, world):
+    """Every rank's RNG states (torch, CUDA, augmentation generator), gathered so rank 0 can save them all."""
+    states = {"torch": torch.get_rng_state(), "augment": gen.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
+
+
+def write_atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def plot_curves(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.5))
+    ax[0].plot(ep, [h["train_loss"] for h in history], "o-")
+    ax[0].set(title="train loss (per sample)", xlabel="epoch")
+    ax[1].plot(ep, [h["accuracy"] for h in history], "k.-", label="all")
+    for name in history[-1].get("group_accuracy", {}):
+        ax[1].plot(ep, [h["group_accuracy"][name] for h in history], "o-", label=name)
+    ax[1].set(title="val accuracy", xlabel="epoch")
+    ax[1].legend()
+    if "fair_score" in history[-1]:
+        ax[2].plot(ep, [h["fair_score"] for h in history], "o-")
+        ax[2].fill_between(ep, *zip(*[h["fair_score_ci"] for h in history]), alpha=0.2, label="95% CI")
+        ax[2].legend()
+    ax[2].set(title="val fair score", xlabel="epoch")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# the training run
+
+def train(cfg):
+    """One run; returns the log record of the best epoch (what best.safetensors holds)."""
+    c = SimpleNamespace(**cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    master = rank == 0
+    if c.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(c.device)
+    cuda = device.type == "cuda"
+    if c.batch_size % world:
+        sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
+    try:
+        meta = data.read_meta(c.data_dir)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    group_names = meta["groups"] or evaluate.GROUP_NAMES
+    fair = len(meta["groups"]) == 2  # else the best epoch is kept by accuracy
+    indices = None
+    if c.train_groups or c.sampler == "balanced":
+        _, labels, groups = data.load_split(c.data_dir, "train")
+        if (groups < 0).any():
+            sys.exit("error: sampler=balanced and train_groups need group labels on every train sample")
+        indices = train_indices(c, labels, groups)
+    cell_weights = None
+    if c.group_weights:
+        w = c.group_weights.split(",")
+        if len(w) != 4 or not all(v.replace(".", "", 1).isdigit() for v in w) or len(meta["classes"]) != 2 or not fair:
+            sys.exit(f"error: group_weights={c.group_weights} needs 4 numbers (label-major: w00,w01,w10,w11) and a "
+                     f"data set with 2 classes and 2 groups")
+        cell_weights = torch.tensor([float(v) for v in w], device=device)
+
+    torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = build_model(c, len(meta["classes"])).to(device)
+    torch.manual_seed(c.seed + 1_000_003 * rank)  # drop-path masks: a different stream per rank
+    aug_gen = torch.Generator(device=device).manual_seed(c.seed + 1_000_003 * rank)  # a different stream per rank
+    aug_kw = augment_kwargs(c.augment_kw)
+    loader_kw = dict(device=device, backend=c.backend, rank=rank, world_size=world)
+    train_loader = data.make_loader(c.data_dir, "train", c.batch_size // world, train=True, seed=c.seed,
+                                    indices=indices, **loader_kw)
+    val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, **loader_kw)
+
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    param_groups = [
+        {"params": [p for n, p in params if not any(k in n for k in NO_DECAY)], "weight_decay": c.weight_decay},
+        {"params": [p for n, p in params if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
+    ]
+    if c.opt == "sing":
+        optimizer = SING(param_groups, lr=c.lr)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=c.lr, fused=cuda)
+
+    iters = len(train_loader)
+    total = iters * c.epochs
+    start_epoch, best, history = 0, -math.inf, []
+    last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
+    if c.resume and os.path.exists(last_path):
+        saved, _, state = model.load_checkpoint(last_path, device=device)
+        net.load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        r = rank % len(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"][r].cpu())
+        aug_gen.set_state(state["rng"]["augment"][r].cpu())
+        if cuda and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"][r].cpu(), device)
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        if master:
+            print(f"resuming {last_path} after epoch {start_epoch}")
+    elif c.resume and master:
+        print(f"resume=True but no {last_path} yet: starting from scratch")
+
+    ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 \
+        else net
+    forward = torch.compile(ddp_net) if c.compile and cuda else ddp_net
+    data_meta = {k: meta[k] for k in ("source", "classes", "groups", "image_size", "criterion") if k in meta}
+    ckpt_meta = {"config": cfg, "data": {"path": c.data_dir, **data_meta}}
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+        print(f"{sum(p.numel() for _, p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
+              f" epochs, global batch {c.batch_size} on {world} x {device}")
+
+    end_epoch = min(c.epochs, c.stop_after) if c.stop_after else c.epochs
+    for epoch in range(start_epoch, end_epoch):
+        net.train()
+        train_loader.set_epoch(epoch)
+        t0, loss_sum, n_seen, gnorms = time.time(), 0.0, 0, []
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not master, leave=False)
+        for i, (x, y, g) in enumerate(bar):
+            lr_now = lr_at(c, epoch * iters + i, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment else data.prepare(x, c.img_size)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = forward(inputs)
+            loss = loss_fn(c, logits.float(), y, g, cell_weights)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world).backward()  # DDP averages gradients over ranks; the recipe sums over the global batch
+            # measured before the step: SING overwrites p.grad with the centred, normalised gradient
+            gnorm = torch.nn.utils.get_total_norm([p.grad for _, p in params if p.grad is not None]).item()
+            loss_val = loss.item()
+            if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
+                sys.exit(f"error: non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration {i};"
+                         f" stopped before the update, {last_path} keeps the last good epoch")
+            optimizer.step()
+            loss_sum, n_seen = loss_sum + loss_val, n_seen + len(y)
+            gnorms.append(gnorm)
+            bar.set_postfix(loss=f"{loss_val / len(y):.4f}", img_s=f"{n_seen * world / (time.time() - t0):.0f}")
+        train_time = time.time() - t0
+        totals = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+
+        scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size)
+        scores, val_labels, val_groups = (gather(t.to(device), world).cpu() for t in (scores, val_labels, val_groups))
+        metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
+        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
+                  "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
+                  "img_per_s": totals[1].item() / train_time, "time_s": time.time() - t0, **metrics}
+        history.append(record)
+        score = metrics["fair_score"] if fair else metrics["accuracy"]
+        improved = score > best
+        best = max(best, score)
+        rng = rng_states(aug_gen, device, world)  # a collective: every rank takes part
+        if master:
+            if improved:
+                model.save_checkpoint(best_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics})
+            model.save_checkpoint(last_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics},
+                                  state={"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch,
+                                         "best": best, "history": history})
+            write_atomic(os.path.join(c.out_dir, "log.jsonl"),
+                         lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
+            plot_curves(history, os.path.join(c.out_dir, "curves.png"))
+            groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
+            print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} | val acc {metrics['accuracy']:.4f} "
+                  f"{groups_txt} | fair {metrics.get('fair_score', float('nan')):.4f}{' *' if improved else ''} | "
+                  f"grad norm {record['grad_norm']:.3g} | {record['img_per_s']:.0f} img/s")
+    key = "fair_score" if fair else "accuracy"
+    return max(history, key=lambda h: h[key]) if history else None
+
+
+def write_sweep(cfg, results, path):
+    """Markdown table over seeds of the best-epoch validation metrics, with mean +- std (sample std)."""
+    names = list(results[0][1].get("group_accuracy", {}))
+    cols = ["fair_score", *[f"acc_{n}" for n in names], "accuracy"]
+    rows = [[r.get("fair_score", math.nan), *[r["group_accuracy"][n] for n in names], r["accuracy"]]
+            for _, r in results]
+    a = np.array(rows)
+    std = a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+    lines = [f"# Seed sweep: `train_vit.py {' '.join(sys.argv[1:])}`", "",
+             "Validation metrics of each seed's best epoch (best.safetensors).", "",
+             "| seed | best epoch | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {s} | {r['epoch']} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+              for (s, r), row in zip(results, rows)]
+    lines.append("| mean ± std | | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(a.mean(0), std)) + " |")
+    write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo")
+        if torch.cuda.is_available() and cfg["device"] != "cpu":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        if cfg["sweep"]:
+            try:
+                seeds = [int(s) for s in cfg["sweep"].replace(",", " ").split()]
+            except ValueError:
+                sys.exit(f"error: --sweep={cfg['sweep']} is not a list of integer seeds")
+            results = [(s, train({**cfg, "seed": s, "out_dir": os.path.join(cfg["sweep_dir"], f"seed{s}")}))
+                       for s in seeds]
+            if not ddp or dist.get_rank() == 0:
+                write_sweep(cfg, results, os.path.join(cfg["sweep_dir"], "sweep.md"))
+        else:
+            train(cfg)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
