@@ -5,9 +5,9 @@ SEED    ?= 0
 SEEDS   ?= 0 1 2 3 4
 CONFIG  ?= seed_recipe
 N_LABELED ?= 250
-# ssl-table: synthetic faces labelled by gender (built on first use), 40 labels, the small CNN on the CPU
+# ssl-table: synthetic faces labelled by gender (built on first use), 250 labels, the small CNN on the CPU
 SSL_DATA ?= ssl
-SSL_LABELED ?= 40
+SSL_LABELED ?= 250
 SSL_ARGS ?= --config=cpu_small
 ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
@@ -70,7 +70,7 @@ mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 
 ssl-table: setup  ## supervised / MixMatch / full over 3 seeds -> runs/ssl_table.md (default: offline, CPU)
 	@test -f data/$(SSL_DATA)/meta.json || [ "$(SSL_DATA)" != ssl ] || \
-	  $(PY) data.py synthetic --n 12000 --target Male --out data/ssl
+	  $(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
 	$(PY) train_mixmatch.py --table=1 --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) $(SSL_ARGS) $(ARGS)
 
 bench: setup  ## speed benchmarks -> bench.md, bench.json (ARGS=--quick for a short CPU run)

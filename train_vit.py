@@ -231,12 +231,6 @@ def rng_states(gen, device, world):
     return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
 
 
-def write_atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -257,7 +251,7 @@ def plot_curves(history, path):
         ax[2].legend()
     ax[2].set(title="val fair score", xlabel="epoch")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    evaluate.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -393,7 +387,7 @@ def train(cfg):
             model.save_checkpoint(last_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics},
                                   state={"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch,
                                          "best": best, "history": history})
-            write_atomic(os.path.join(c.out_dir, "log.jsonl"),
+            evaluate.write_atomic(os.path.join(c.out_dir, "log.jsonl"),
                          lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
             plot_curves(history, os.path.join(c.out_dir, "curves.png"))
             groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
@@ -418,7 +412,7 @@ def write_sweep(cfg, results, path):
     lines += [f"| {s} | {r['epoch']} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
               for (s, r), row in zip(results, rows)]
     lines.append("| mean ± std | | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(a.mean(0), std)) + " |")
-    write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    evaluate.write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 
