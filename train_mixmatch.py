@@ -268,8 +268,11 @@ def train(cfg):
     fair = sorted(train_g.unique().tolist()) == [0, 1]
     train_x, train_y = train_x.to(dev), train_y.to(dev)
     everything = torch.arange(len(train_y))
-    lab = everything if cfg["mode"] == "full" else labeled_subset(train_y.cpu(), cfg["n_labeled"], num_classes,
-                                                                  cfg["seed"])
+    try:
+        lab = everything if cfg["mode"] == "full" else labeled_subset(train_y.cpu(), cfg["n_labeled"], num_classes,
+                                                                      cfg["seed"])
+    except ValueError as e:
+        sys.exit(f"error: --n_labeled={cfg['n_labeled']}: {e}")
     unlab = everything[~torch.isin(everything, lab)]
     if cfg["mode"] == "mixmatch" and len(unlab) == 0:
         sys.exit("error: n_labeled covers the whole train split: nothing left unlabelled for MixMatch")
@@ -277,7 +280,7 @@ def train(cfg):
 
     try:
         model = build_model(cfg, num_classes).to(dev)
-    except RuntimeError as e:  # e.g. pretrained weights unreachable offline: model.py words it
+    except (OSError, RuntimeError, ValueError) as e:  # weights offline, missing or misshaped: model.py words it
         sys.exit(f"error: {e}")
     ema = copy.deepcopy(model).requires_grad_(False)
     if cfg["opt"] == "sing":

@@ -184,6 +184,8 @@ def test_tiny_mixmatch_run_writes_a_checkpoint_evaluate_scores(tiny_data, tmp_pa
 
 
 def test_cli_errors_are_one_line(tiny_data):
-    for args in (["--data=/nonexistent"], [f"--data={tiny_data}", "--arch=resnet"]):
+    for args in (["--data=/nonexistent"], [f"--data={tiny_data}", "--arch=resnet"],
+                 [f"--data={tiny_data}", "--n_labeled=20", "--vit_src=/nonexistent/model.safetensors"],
+                 [f"--data={tiny_data}", "--n_labeled=100000"]):
         r = subprocess.run([sys.executable, "train_mixmatch.py", *args], cwd=REPO, capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
