@@ -17,7 +17,7 @@ APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) SEED=$(SEED) SEEDS=\"$(SEEDS)\" CONFIG=$(CONFIG) N_LABELED=$(N_LABELED) ARGS=\"--key=value ...\""
+	@echo "  variables: DATA=$(DATA) SEED=$(SEED) SEEDS=\"$(SEEDS)\" CONFIG=$(CONFIG) N_LABELED=$(N_LABELED) SSL_DATA=$(SSL_DATA) SSL_LABELED=$(SSL_LABELED) ARGS=\"--key=value ...\""
 
 setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then pip)
 
@@ -47,11 +47,10 @@ lint: setup  ## ruff
 data: setup  ## build data/$(DATA) (celeba by default; DATA=synthetic works offline)
 	$(PY) data.py $(DATA) --out data/$(DATA) $(ARGS)
 
-demo: setup  ## offline end-to-end run on the synthetic set: data, train, evaluate, attention maps
-	@test -f data/demo/meta.json || $(PY) data.py synthetic --n 12000 --out data/demo
+demo: setup data/demo/meta.json  ## offline end-to-end run on the synthetic set: data, train, evaluate, attention maps
 	$(PY) train_vit.py --config=demo --data=data/demo --out_dir=runs/demo $(ARGS)
 	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval
-	@if [ -f attention.py ]; then $(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention; fi
+	$(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention
 
 train: setup  ## train the recipe (CONFIG=seed_recipe) on data/$(DATA) into runs/seed$(SEED)
 	$(PY) train_vit.py --config=$(CONFIG) --data=data/$(DATA) --seed=$(SEED) --out_dir=runs/seed$(SEED) $(ARGS)
@@ -68,13 +67,18 @@ attention: setup  ## attention maps of runs/seed$(SEED)/best.safetensors
 mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 	$(PY) train_mixmatch.py --data=data/$(DATA) --n_labeled=$(N_LABELED) --seed=$(SEED) --out_dir=runs/mixmatch_$(DATA)_$(N_LABELED)_s$(SEED) $(ARGS)
 
-ssl-table: setup  ## supervised / MixMatch / full over 3 seeds -> runs/ssl_table.md (default: offline, CPU)
-	@test -f data/$(SSL_DATA)/meta.json || [ "$(SSL_DATA)" != ssl ] || \
-	  $(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
+ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / full over 3 seeds -> runs/ssl_table.md
 	$(PY) train_mixmatch.py --table=1 --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) $(SSL_ARGS) $(ARGS)
 
-bench: setup  ## speed benchmarks -> bench.md, bench.json (ARGS=--quick for a short CPU run)
+bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)
+
+# the offline synthetic sets, built on first use (the .venv/.done prerequisite is order-only: no rebuild on setup)
+data/demo/meta.json: | .venv/.done
+	$(PY) data.py synthetic --n 12000 --out data/demo
+
+data/ssl/meta.json: | .venv/.done
+	$(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
 
 clean:  ## remove runs/ and caches (keeps data/ and .venv)
 	rm -rf runs .pytest_cache .ruff_cache __pycache__ tests/__pycache__

@@ -11,7 +11,7 @@
 4. end to end: the training loop (loader + augment + step) vs the step alone on a resident batch: img/s
 On CUDA also bf16 autocast + torch.compile, model FLOPs utilisation against the GPU's peak, and the estimated time of
 one seed-recipe epoch (CelebA train, 162,770 images, batch 64) at 224 and 80.
-Writes bench.json ({name: {ours, baseline, unit, ratio}}) and bench.md.
+Writes runs/bench.json ({name: {ours, baseline, unit, ratio}}) and runs/bench.md.
 """
 
 import argparse
@@ -213,7 +213,8 @@ def write_report(results, args, seconds):
     for name, r in results.items():
         baseline, ratio = ("-", "-") if r["ratio"] is None else (r["baseline"], f"{r['ratio']}x")
         lines.append(f"| {name} | {r['ours']} | {baseline} | {r['unit']} | {ratio} |")
-    for path, text in (("bench.json", json.dumps(results, indent=1)), ("bench.md", "\n".join(lines) + "\n")):
+    os.makedirs("runs", exist_ok=True)
+    for path, text in (("runs/bench.json", json.dumps(results, indent=1)), ("runs/bench.md", "\n".join(lines) + "\n")):
         with open(path + ".tmp", "w") as f:
             f.write(text)
         os.replace(path + ".tmp", path)

@@ -9,9 +9,10 @@ Face data for fair attribute classification: build data sets, load them fast, au
 
 Every build writes OUT/{train,val,test}.beton (FFCV, raw uint8 RGB at native size; fields image, label, group and,
 where the source has attributes, attrs) and OUT/meta.json, into a temporary folder renamed at the very end.
-Library: read_meta, load_split, load_attrs, make_loader (backends "resident" and "ffcv"), augment (the original
-training augmentation, drawn per sample, applied to the whole batch on its device) and prepare (eval: resize +
-normalise). Conventions: labels 0..C-1 (-1 unknown), groups 0 = women, 1 = men (-1 unknown), images uint8 NCHW.
+Library: read_meta, load_split, load_labels, load_attrs, summary, make_loader (backends "resident" and "ffcv"),
+augment (the original training augmentation, drawn per sample, applied to the whole batch on its device) and
+prepare (eval: resize + normalise). Conventions: labels 0..C-1 (-1 unknown), groups 0 = women, 1 = men
+(-1 unknown), images uint8 NCHW.
 """
 
 import argparse
@@ -120,6 +121,7 @@ def _labels_from_attrs(attrs, names, criterion, group):
 # independently of the label, so the only way to the label is to see hair colour AND glasses and combine them.
 
 SYNTH_ATTRS = ("Blond_Hair", "Eyeglasses", "Male", "Long_Hair", "Beard", "Wearing_Lipstick", "Sunglasses")
+SYNTH_GLASSES_SHARE, SYNTH_BOTH = 0.3, 0.05  # defaults of synth_attributes and the CLI, explained there
 BLOND = np.array([(238, 218, 165), (224, 192, 122), (203, 168, 98), (246, 232, 192), (214, 176, 110)], np.float32)
 OTHER_HAIR = np.array([(28, 22, 20), (62, 42, 30), (98, 66, 42), (132, 64, 34), (150, 148, 145), (208, 206, 200),
                        (120, 90, 60)], np.float32)  # black, dark/mid brown, auburn, grey, white, light brown
@@ -136,7 +138,7 @@ def _cell_counts(fracs, n):
     return counts
 
 
-def synth_attributes(n, rng, cells=CHALLENGE_CELLS, glasses_share=0.3, both=0.05):
+def synth_attributes(n, rng, cells=CHALLENGE_CELLS, glasses_share=SYNTH_GLASSES_SHARE, both=SYNTH_BOTH):
     """uint8 [n, len(SYNTH_ATTRS)]. `cells` = fractions of (xor 0, women), (1, women), (0, men), (1, men);
     `glasses_share` = fraction of positives that wear glasses (the rest are blond); `both` = fraction of negatives
     that are blond AND wear glasses (the case that tells XOR from OR).
@@ -759,6 +761,18 @@ def load_split(data_dir, split):
     return torch.from_numpy(d["image"]), torch.from_numpy(d["label"]), torch.from_numpy(d["group"])
 
 
+def load_labels(data_dir, split):
+    """-> (labels int64 [N], groups int64 [N]) from the file's metadata alone, without reading any image."""
+    d = _read_beton(data_dir, split, ("label", "group"))
+    return torch.from_numpy(d["label"]), torch.from_numpy(d["group"])
+
+
+def summary(data_dir, meta):
+    """What a checkpoint records of its training data (evaluate.py checks image_size against it)."""
+    return {"path": data_dir, **{k: meta[k] for k in ("source", "classes", "groups", "image_size", "criterion")
+                                 if k in meta}}
+
+
 def load_attrs(data_dir, split):
     """-> (attrs uint8 [N, A] numpy, attribute names) for analysis; (None, []) when the source has none."""
     return _read_beton(data_dir, split, ("attrs",))["attrs"], read_meta(data_dir)["attributes"]
@@ -993,10 +1007,11 @@ def parse_args(argv=None):
     s.add_argument("--n", type=int, default=20000, help="number of images over all splits (default 20000)")
     s.add_argument("--cells", default=",".join(map(str, CHALLENGE_CELLS)),
                    help="fractions of (label 0, women), (1, women), (0, men), (1, men); default as the challenge")
-    s.add_argument("--glasses-share", type=float, default=0.3,
-                   help="positives made by glasses, not blond (0.3, as CelebA)")
-    s.add_argument("--both", type=float, default=0.05,
-                   help="negatives that are blond AND wear glasses (0.05, 10x CelebA's; 0.25 = a pure XOR puzzle)")
+    s.add_argument("--glasses-share", type=float, default=SYNTH_GLASSES_SHARE,
+                   help=f"positives made by glasses, not blond ({SYNTH_GLASSES_SHARE}, as CelebA)")
+    s.add_argument("--both", type=float, default=SYNTH_BOTH,
+                   help=f"negatives that are blond AND wear glasses ({SYNTH_BOTH}, 10x CelebA's; 0.25 = a pure XOR "
+                        "puzzle)")
     s.add_argument("--noise", type=float, default=0.03, help="label-noise rate on train and val (0.03)")
     s.add_argument("--shift", type=float, default=0.0, help="test-split shift: harsher light, noise, blur, roll (0)")
     c = sub.add_parser("celeba", parents=[common, attrs], help="CelebA: flwrlabs/celeba from the Hub, or --root")

@@ -300,8 +300,7 @@ def train(cfg):
     ramp_steps = cfg["rampup"] * cfg["steps"]
     size, B = cfg["img_size"], cfg["batch_size"]
     augment = lambda x: D.augment(x, size, generator=gen_aug, **AUGMENTS[cfg["augment"]])
-    data_meta = {k: meta[k] for k in ("source", "classes", "groups", "image_size", "criterion") if k in meta}
-    ckpt_meta = {"config": cfg, "data": {"path": cfg["data"], **data_meta},
+    ckpt_meta = {"config": cfg, "data": D.summary(cfg["data"], meta),
                  "n_labeled": len(lab), "labeled_indices": lab.tolist() if cfg["mode"] != "full" else None}
     history, best, best_step, losses = [], -math.inf, 0, []
     bar = tqdm(range(1, cfg["steps"] + 1), desc=f"{cfg['mode']} s{cfg['seed']}", dynamic_ncols=True)
@@ -336,8 +335,8 @@ def train(cfg):
         ema_update(ema, model, cfg["ema_decay"], step)
         with torch.no_grad():
             torch._foreach_mul_(decayed, 1 - cfg["weight_decay"] * cfg["lr"])
-        losses.append((loss_x.item(), loss_u.item()))
-        bar.set_postfix(lx=f"{loss_x.item():.3f}", lu=f"{loss_u.item():.4f}", w_u=f"{w_u:.1f}",
+        losses.append((loss_x.item(), loss_u.item()))  # one host sync per step for both
+        bar.set_postfix(lx=f"{losses[-1][0]:.3f}", lu=f"{losses[-1][1]:.4f}", w_u=f"{w_u:.1f}",
                         img_s=f"{seen / (time.time() - t0):.0f}")
 
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:

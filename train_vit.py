@@ -278,7 +278,7 @@ def train(cfg):
     fair = len(meta["groups"]) == 2  # else the best epoch is kept by accuracy
     indices = None
     if c.train_groups or c.sampler == "balanced":
-        _, labels, groups = data.load_split(c.data_dir, "train")
+        labels, groups = data.load_labels(c.data_dir, "train")
         if (groups < 0).any():
             sys.exit("error: sampler=balanced and train_groups need group labels on every train sample")
         indices = train_indices(c, labels, groups)
@@ -332,8 +332,7 @@ def train(cfg):
     ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 \
         else net
     forward = torch.compile(ddp_net) if c.compile and cuda else ddp_net
-    data_meta = {k: meta[k] for k in ("source", "classes", "groups", "image_size", "criterion") if k in meta}
-    ckpt_meta = {"config": cfg, "data": {"path": c.data_dir, **data_meta}}
+    ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta)}
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
         print(f"{sum(p.numel() for _, p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
