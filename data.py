@@ -957,6 +957,14 @@ def augment(x_u8, out_size, generator=None, *, crop_p=1.0, crop_scale=(0.5, 1.0)
     return _normalise(x, out_size)
 
 
+# named augmentation lists (the training scripts' augment=NAME): keyword overrides of augment(); None = prepare()
+AUGMENTS = {
+    "full": {},  # the original solution's whole list, as augment()'s defaults
+    "weak": dict(rotate_p=0.0, erase_p=0.0, color_p=0.0, blur_p=0.0),  # random resized crop + flip only
+    "none": None,  # resize + normalise: prepare()
+}
+
+
 def torchvision_transform(out_size, size=80):
     """The same augmentation list as augment(), per sample with torchvision on PIL images (the baseline for the
     benchmarks; ImageFolder-ready). Erasing runs last on the tensor, where torchvision has it; the box is drawn as an

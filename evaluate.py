@@ -1,24 +1,25 @@
 """Fairness evaluation of face-attribute classifiers, and a CLI that scores a checkpoint on a data split.
 
-The challenge metric (seed0_dino.md §1.5): fair = 0.5 * (acc_women + acc_men) - |acc_women - acc_men|.
+The challenge's metric: fair = 0.5 * (acc_women + acc_men) - |acc_women - acc_men|.
 Groups follow data.py: 0 = women, 1 = men, -1 = unknown (left out of per-group numbers, kept in overall ones).
 Library: group_accuracies, fair_score, confusion, f1, bootstrap_ci, fit_group_thresholds, decide, predict,
-compute_metrics. CLI:
+has_both_groups, selection_score, compute_metrics. CLI (configurator.py's --key=value):
 
     python evaluate.py --ckpt runs/seed3/best.safetensors --data data/celeba --split test --out runs/seed3/eval
     python evaluate.py --ckpt ... --data data/challenge --split test --submit submission.txt
 """
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import configurator
 import data
 import model
 
@@ -137,6 +138,21 @@ def fit_group_thresholds(scores, label, group):
     return [float(t0[i]), float(t1[cand[side, i]])]
 
 
+def has_both_groups(group):
+    """Whether groups 0 and 1 both occur: what per-group accuracy and the fair score need (-1 = unknown is ignored)."""
+    group = _np(group)
+    return bool((group == 0).any() and (group == 1).any())
+
+
+SELECT = ("fair", "accuracy")  # the validation metrics a training run can keep its best checkpoint by
+
+
+def selection_score(metrics, select):
+    """The one best-checkpoint rule of both training scripts: the validation metric named by select= (higher is
+    better). select=fair needs validation data with both groups; the scripts check that before training."""
+    return metrics["fair_score"] if select == "fair" else metrics["accuracy"]
+
+
 def compute_metrics(scores, label, group, thresholds=None, fair=True, group_names=GROUP_NAMES, n_boot=1000,
                     seed=0):
     """All metrics of one split as a JSON-able dict; fair=False for data without groups (accuracy, F1 only)."""
@@ -177,13 +193,6 @@ def predict(model, loader, img_size, desc=None):
 # -----------------------------------------------------------------------------
 # CLI
 
-def write_atomic(path, write):
-    """write(tmp_path) then rename, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def plot_report(report, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -211,7 +220,7 @@ def plot_report(report, path):
         ax.set(title=f"{n} (argmax)", xlabel="predicted", ylabel="true", xticks=range(len(cm)), yticks=range(len(cm)))
     fig.suptitle(f"{report['ckpt']} on {report['data']}/{report['split']}", fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -231,78 +240,81 @@ def print_table(report):
         print("thresholds on p(class 1), fitted on val: " + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a checkpoint on a data split: accuracy, per-group accuracy, fair "
-                                "score (+ 95% bootstrap CI), F1, confusion; thresholds per group fitted on val.")
-    p.add_argument("--ckpt", required=True, help="a .safetensors file from train_vit.py / train_mixmatch.py")
-    p.add_argument("--data", required=True, help="a data.py output folder")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", help="folder for report.json and report.png (default: print only)")
-    p.add_argument("--submit", help="write challenge-format predictions (-1/1 per line, split order) to this file")
-    p.add_argument("--no_fair", action="store_true", help="data without groups: accuracy, F1 and confusion only")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n_boot", type=int, default=1000)
-    args = p.parse_args(argv)
+# the CLI's config: --key=value overrides (configurator.py's convention)
+CLI = dict(
+    ckpt="",  # a .safetensors checkpoint from train_vit.py / train_mixmatch.py (required)
+    data_dir="",  # a data.py output folder (required)
+    split="test",  # the split to score
+    out_dir="",  # folder for report.json and report.png (empty: print only)
+    submit="",  # write challenge-format predictions (-1/1 per line, split order) to this file
+    batch_size=256,
+    device="auto",  # auto = cuda if available, else cpu
+    n_boot=1000,  # bootstrap resamples behind the 95% CIs
+)
 
+
+def main(argv=None):
+    args = SimpleNamespace(**configurator.parse(sys.argv[1:] if argv is None else argv, CLI, __file__,
+                                                aliases={"data": "data_dir", "out": "out_dir"},
+                                                required=("ckpt", "data_dir")))
     if not os.path.isfile(args.ckpt):
         sys.exit(f"error: no checkpoint file {args.ckpt}")
     try:
         net, ck_meta, _ = model.load_checkpoint(args.ckpt)
-        meta = data.read_meta(args.data)
+        meta = data.read_meta(args.data_dir)
     except (ValueError, OSError, KeyError) as e:
         sys.exit(f"error: {e}")
     classes = meta["classes"]
     cfg = net.config_dict()
     if args.split not in meta["splits"]:
-        sys.exit(f"error: split '{args.split}' is not in {args.data} (it has: {', '.join(meta['splits'])})")
+        sys.exit(f"error: split '{args.split}' is not in {args.data_dir} (it has: {', '.join(meta['splits'])})")
     if cfg["num_classes"] != len(classes):
-        sys.exit(f"error: {args.ckpt} predicts {cfg['num_classes']} classes but {args.data} has {len(classes)} "
+        sys.exit(f"error: {args.ckpt} predicts {cfg['num_classes']} classes but {args.data_dir} has {len(classes)} "
                  f"({', '.join(classes)}): a checkpoint for another task or a backbone without a head")
     trained_size = ck_meta.get("data", {}).get("image_size")
     if trained_size is not None and list(trained_size) != list(meta["image_size"]):
-        sys.exit(f"error: {args.ckpt} was trained on {trained_size} images, {args.data} holds {meta['image_size']}")
+        sys.exit(f"error: {args.ckpt} was trained on {trained_size} images, {args.data_dir} holds {meta['image_size']}")
     if args.submit and len(classes) != 2:
         sys.exit("error: the challenge format (-1/1) needs a 2-class data set")
 
-    device = torch.device(args.device)
+    device = configurator.pick_device(args.device)
     net.to(device)
     img_size = cfg["img_size"]
-    loader = lambda split: data.make_loader(args.data, split, args.batch_size, train=False, device=device)
+    loader = lambda split: data.make_loader(args.data_dir, split, args.batch_size, train=False, device=device)
     scores, labels, groups = predict(net, loader(args.split), img_size, desc=f"predict {args.split}")
     has_labels = bool((labels >= 0).all())
-    fair = not args.no_fair
+    fair = has_both_groups(groups)
     if not has_labels and not args.submit:
         sys.exit(f"error: split '{args.split}' has no labels to score; use --submit to write predictions")
-    if has_labels and fair and sorted(np.unique(_np(groups)[_np(groups) >= 0]).tolist()) != [0, 1]:
-        sys.exit(f"error: split '{args.split}' of {args.data} has no group labels for both groups (0 = women, "
-                 "1 = men), which the fair score needs; pass --no_fair for accuracy only")
+    if has_labels and not fair:
+        print(f"split '{args.split}' of {args.data_dir} does not hold both groups: overall metrics only")
 
     report = None
     if has_labels:
         names = meta.get("groups") or GROUP_NAMES
-        report = {"ckpt": args.ckpt, "data": args.data, "split": args.split,
+        report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split,
                   **compute_metrics(scores, labels, groups, fair=fair, group_names=names, n_boot=args.n_boot)}
         if fair and len(classes) == 2 and "val" in meta["splits"]:
             # post-processing: thresholds fitted on val (on val itself this score is optimistic), scored here
             val = (scores, labels, groups) if args.split == "val" else predict(net, loader("val"), img_size, "val")
-            if bool((val[1] >= 0).all()):
+            if bool((val[1] >= 0).all()) and has_both_groups(val[2]):
                 t = fit_group_thresholds(*val)
                 report["thresholded"] = {"thresholds": dict(zip(names, t)), "fitted_on": "val",
-                                         **compute_metrics(scores, labels, groups, t, True, names, args.n_boot)}
+                                         **compute_metrics(scores, labels, groups, t, fair=True, group_names=names,
+                                                           n_boot=args.n_boot)}
         print_table(report)
 
     if args.submit:
         lines = "".join("1\n" if c == 1 else "-1\n" for c in decide(scores).tolist())
-        write_atomic(args.submit, lambda tmp: Path(tmp).write_text(lines))
+        model.write_atomic(args.submit, lambda tmp: Path(tmp).write_text(lines))
         print(f"wrote {len(scores)} predictions to {args.submit}")
-    if args.out and report is not None:
-        os.makedirs(args.out, exist_ok=True)
-        write_atomic(os.path.join(args.out, "report.json"),
-                     lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+    if args.out_dir and report is not None:
+        os.makedirs(args.out_dir, exist_ok=True)
+        model.write_atomic(os.path.join(args.out_dir, "report.json"),
+                           lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
         if fair:
-            plot_report(report, os.path.join(args.out, "report.png"))
-        print(f"wrote {args.out}/report.json" + (" and report.png" if fair else ""))
+            plot_report(report, os.path.join(args.out_dir, "report.png"))
+        print(f"wrote {args.out_dir}/report.json" + (" and report.png" if fair else ""))
 
 
 if __name__ == "__main__":

@@ -378,6 +378,20 @@ def _unwrap(model):  # the module inside DDP (.module) and torch.compile (._orig
     return model
 
 
+def write_atomic(path, write):
+    """write(tmp) into a temporary name beside `path`, then rename it over `path`: a reader (or a crash) never sees
+    half a file, and a failed write leaves neither a partial `path` nor the temporary file. Every file this repo
+    writes goes through here."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = None):
     """Write model weights, its arch and config, meta (JSON-able; tuples come back as lists) and state (nested
     tensors/containers/scalars, exact round trip) to one .safetensors file, atomically."""
@@ -389,13 +403,7 @@ def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = 
     metadata |= {k: json.dumps(v) for k, v in meta.items()}
     if state is not None:
         metadata["state"] = json.dumps(_flatten(state, "state", tensors))
-    tmp = f"{path}.tmp"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path, device="cpu"):
