@@ -3,8 +3,10 @@ PY      := .venv/bin/python
 DATA    ?= celeba
 SEED    ?= 0
 SEEDS   ?= 0 1 2 3 4
-CONFIG  ?= seed_recipe
+CONFIG  ?= recipe
 N_LABELED ?= 250
+# the run that `make evaluate` / `make attention` read (e.g. RUN=runs/demo, RUN=runs/sweep/seed1)
+RUN     ?= runs/seed$(SEED)
 # ssl-table: synthetic faces labelled by gender (built on first use), 250 labels, the small CNN on the CPU
 SSL_DATA ?= ssl
 SSL_LABELED ?= 250
@@ -17,7 +19,7 @@ APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) SEED=$(SEED) SEEDS=\"$(SEEDS)\" CONFIG=$(CONFIG) N_LABELED=$(N_LABELED) SSL_DATA=$(SSL_DATA) SSL_LABELED=$(SSL_LABELED) ARGS=\"--key=value ...\""
+	@echo "  variables: DATA=$(DATA) SEED=$(SEED) SEEDS=\"$(SEEDS)\" CONFIG=$(CONFIG) RUN=$(RUN) N_LABELED=$(N_LABELED) SSL_DATA=$(SSL_DATA) SSL_LABELED=$(SSL_LABELED) ARGS=\"--key=value ...\""
 
 setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then pip)
 
@@ -35,7 +37,7 @@ setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then p
 	$(PY) -c "import ffcv, torch; print('setup ok: torch', torch.__version__, '| ffcv imports')"
 	touch $@
 
-test: setup  ## run the test suite (a few minutes on 2 CPU cores)
+test: setup  ## run the test suite (about 3 minutes on 2 CPU cores)
 	$(PY) -m pytest
 
 test-slow: setup  ## also run the tests marked slow
@@ -52,17 +54,17 @@ demo: setup data/demo/meta.json  ## offline end-to-end run on the synthetic set:
 	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval
 	$(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention
 
-train: setup  ## train the recipe (CONFIG=seed_recipe) on data/$(DATA) into runs/seed$(SEED)
+train: setup  ## train the original solution's recipe (CONFIG=recipe; a GPU job) on data/$(DATA) into runs/seed$(SEED)
 	$(PY) train_vit.py --config=$(CONFIG) --data=data/$(DATA) --seed=$(SEED) --out_dir=runs/seed$(SEED) $(ARGS)
 
-sweep: setup  ## train SEEDS="0 1 2" and write runs/sweep.md (fair score mean +- std)
+sweep: setup  ## train SEEDS="0 1 2" into runs/sweep/seed<N> and write runs/sweep/sweep.md (mean +- std)
 	$(PY) train_vit.py --sweep="$(SEEDS)" --config=$(CONFIG) --data=data/$(DATA) $(ARGS)
 
-evaluate: setup  ## score runs/seed$(SEED)/best.safetensors on the test split
-	$(PY) evaluate.py --ckpt runs/seed$(SEED)/best.safetensors --data data/$(DATA) --split test --out runs/seed$(SEED)/eval
+evaluate: setup  ## score $(RUN)/best.safetensors on the test split of data/$(DATA) -> $(RUN)/eval
+	$(PY) evaluate.py --ckpt $(RUN)/best.safetensors --data data/$(DATA) --split test --out $(RUN)/eval
 
-attention: setup  ## attention maps of runs/seed$(SEED)/best.safetensors
-	$(PY) attention.py --ckpt runs/seed$(SEED)/best.safetensors --data data/$(DATA) --split val --n 16 --out runs/seed$(SEED)/attention
+attention: setup  ## attention maps of $(RUN)/best.safetensors on data/$(DATA) -> $(RUN)/attention
+	$(PY) attention.py --ckpt $(RUN)/best.safetensors --data data/$(DATA) --split val --n 16 --out $(RUN)/attention
 
 mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 	$(PY) train_mixmatch.py --data=data/$(DATA) --n_labeled=$(N_LABELED) --seed=$(SEED) --out_dir=runs/mixmatch_$(DATA)_$(N_LABELED)_s$(SEED) $(ARGS)
@@ -80,5 +82,5 @@ data/demo/meta.json: | .venv/.done
 data/ssl/meta.json: | .venv/.done
 	$(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
 
-clean:  ## remove runs/ and caches (keeps data/ and .venv)
-	rm -rf runs .pytest_cache .ruff_cache __pycache__ tests/__pycache__
+clean:  ## remove caches only (__pycache__, pytest's and ruff's); never data/, runs/ (checkpoints) or .venv
+	rm -rf __pycache__ tests/__pycache__ .venv/.pytest_cache .venv/.ruff_cache

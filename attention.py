@@ -1,27 +1,27 @@
 """
 DINO-style attention maps of a ViT: the last block's attention from the CLS query to every patch, per head.
 
-    python attention.py --ckpt runs/seed3/best.safetensors --data data/celeba --split val --n 16 --select errors
+    python attention.py --ckpt runs/seed3/best.safetensors --data data/celeba --split val --n 16 --show errors
     python attention.py --ckpt runs/seed3/best.safetensors --data data/celeba --cell 1,0      # label 1, group 0 only
-    python attention.py --ckpt facebook/dino-vits8 --images a.jpg b.png --out runs/attention  # Hub id: backbone only
+    python attention.py --ckpt facebook/dino-vits8 --images a.jpg,b.png --out runs/attention  # Hub id: backbone only
 
 --ckpt is one of our checkpoints (model.load_checkpoint; it must hold a ViT), a Hub id or a local pretrained
 weights file (model.load_pretrained; no classifier head, so no prediction in the titles).
 
-Per image (as facebookresearch/dino visualize_attention.py and the seed's scripts/Attention_maps.py):
+Per image (as facebookresearch/dino's visualize_attention.py and the original solution's attention script):
 - maps: row 0 (CLS query) of the last block's attention over the patch keys, one [h, w] map per head,
   renormalised to sum to 1 (the CLS->CLS share is dropped from the map and saved as `cls_self`);
 - the head mean of these maps;
 - DINO's mass threshold: per map, the smallest set of patches holding `--threshold` of its mass (0.6 as in the
   DINO paper figures), drawn as contours.
 Maps are upsampled to the input with `--upsample nearest` (DINO, default: one flat square per patch) or
-`bicubic` (the seed's script, smooth); masks are always upsampled nearest, so contours follow patch edges.
+`bicubic` (the original solution's, smooth); masks are always upsampled nearest, so contours follow patch edges.
 
 Input: the images the model sees, i.e. resized (bicubic) and normalised to the model's img_size by
-data.prepare, exactly as in evaluation. --images must be square RGB files of any size: they are resized to
-img_size (printed); crop non-square ones first. --data takes --split, --n, --select (random: a seeded sample;
-errors/correct: the first n misclassified/correct images in a seeded random order, which needs a classifier)
-and --cell LABEL,GROUP.
+data.prepare, exactly as in evaluation. --images must be square RGB files of any size (comma-separated, or a
+folder): they are resized to img_size (printed); crop non-square ones first. --data takes --split, --n, --show
+(random: a seeded sample; errors/correct: the first n misclassified/correct images in a seeded random order,
+which needs a classifier) and --cell LABEL,GROUP.
 
 Output in --out: grid_000.png, grid_001.png, ... (one per batch of --batch_size images; rows = images,
 columns = input, each head, head mean, input with every head's contour; each map coloured from its own min to
@@ -30,17 +30,14 @@ maps.safetensors with the raw maps before upsampling for analysis:
 maps [N, heads, h, w], masks [N, heads, h, w] (bool), mean_masks [N, h, w], cls_self [N, heads],
 indices [N] (index in the split, or in --images), labels / groups / preds [N] (-1 when unknown),
 confidence [N] (nan when unknown); the metadata holds the run settings, class and group names and file names.
-All files are written to a temporary folder next to --out and moved in only once every batch is done.
+Each file is written atomically (model.write_atomic); grids left by an earlier run in --out are removed first.
 """
 
-import argparse
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -54,8 +51,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import configurator
 from data import IMAGENET_MEAN, IMAGENET_STD, load_split, prepare, read_meta
-from model import load_checkpoint, load_pretrained
+from model import load_checkpoint, load_pretrained, write_atomic
 
 # -----------------------------------------------------------------------------
 # pure functions: maps, masks, upsampling
@@ -94,7 +92,7 @@ def mass_threshold_masks(maps, threshold):
 
 
 def upsample(maps, size, mode="nearest"):
-    """[B, C, h, w] -> [B, C, size, size]; nearest (DINO) or bicubic (the seed's script)."""
+    """[B, C, h, w] -> [B, C, size, size]; nearest (DINO) or bicubic (the original solution's)."""
     if mode == "nearest":
         return F.interpolate(maps.float(), size=(size, size), mode="nearest")
     return F.interpolate(maps.float(), size=(size, size), mode="bicubic", align_corners=False)
@@ -168,7 +166,7 @@ def plot_grid(path, images, maps, mean, masks, mean_masks, titles, wrong):
         ax.imshow(img * 0.6, interpolation="nearest")  # dimmed so the contours stand out
         for j in range(heads):
             contour(ax, masks[r, j], colors[j])
-    fig.savefig(path, dpi=DPI)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     plt.close(fig)
 
 
@@ -218,18 +216,18 @@ def read_images(paths):
 def select(model, images, labels, groups, args, device):
     """Indices of the split to show: --cell filter, then --select in a seeded random order, first --n."""
     idx = torch.arange(len(labels))
-    if args.cell is not None:
+    if args.cell:
         label, group = args.cell
         idx = idx[(labels == label) & (groups == group)]
     idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(args.seed))]
-    if args.select == "random":
+    if args.show == "random":
         return idx[: args.n].sort().values
     if model.cfg.num_classes == 0:
-        sys.exit(f"error: --select {args.select} needs predictions, but --ckpt {args.ckpt} has no classifier head")
+        sys.exit(f"error: --show={args.show} needs predictions, but --ckpt {args.ckpt} has no classifier head")
     keep = [idx[:0]]
     for chunk in idx.split(args.batch_size):  # scan until n are found, not the whole split
         pred, _ = predict(model, prepare(images[chunk].to(device), model.cfg.img_size))
-        hit = (pred != labels[chunk]) if args.select == "errors" else (pred == labels[chunk])
+        hit = (pred != labels[chunk]) if args.show == "errors" else (pred == labels[chunk])
         keep.append(chunk[hit])
         if sum(len(k) for k in keep) >= args.n:
             break
@@ -252,37 +250,42 @@ def row_title(name, label, group, pred, conf, classes, groups):
 # -----------------------------------------------------------------------------
 
 
-def parse_cell(text):
-    try:
-        label, group = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--cell takes LABEL,GROUP, e.g. 1,0, got {text!r}") from None
-    return label, group
+# the CLI's config: --key=value overrides (configurator.py's convention)
+CLI = dict(
+    ckpt="",  # our .safetensors checkpoint, a Hub id or a pretrained weights file (required)
+    data_dir="",  # a data.py output folder to take images from (this, or images)
+    images="",  # image files (comma-separated) or a folder of them, resized to the model's img_size
+    out_dir="runs/attention",  # output folder
+    split="val",  # the split of data_dir
+    n=16,  # images to show from data_dir
+    show="random",  # random | errors | correct (the latter two need a classifier head)
+    cell="",  # only this label x group cell of data_dir, "LABEL,GROUP", e.g. 1,0 (group 0 = women, 1 = men)
+    seed=0,  # order of the scan behind show
+    threshold=0.6,  # mass kept by the masks, in (0, 1]
+    upsample="nearest",  # nearest (DINO: one square per patch) | bicubic (smooth)
+    batch_size=16,  # images per forward pass and per grid PNG
+    device="auto",  # auto = cuda if available, else cpu
+)
+CHOICES = {"show": ("random", "errors", "correct"), "upsample": ("nearest", "bicubic")}
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="our .safetensors checkpoint, a Hub id or a pretrained weights file")
-    ap.add_argument("--out", default="runs/attention", help="output folder")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", help="square image files, resized to the model's img_size")
-    src.add_argument("--data", help="dataset folder made by data.py (data/<name>)")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--n", type=int, default=16, help="images to show from --data")
-    ap.add_argument("--select", choices=["random", "errors", "correct"], default="random")
-    ap.add_argument("--cell", type=parse_cell, default=None,
-                    metavar="LABEL,GROUP", help="only this label x group cell, e.g. 1,0 (group 0 = women, 1 = men)")
-    ap.add_argument("--seed", type=int, default=0, help="order of the --select scan")
-    ap.add_argument("--threshold", type=float, default=0.6, help="mass kept by the masks, in (0, 1]")
-    ap.add_argument("--upsample", choices=["nearest", "bicubic"], default="nearest")
-    ap.add_argument("--batch_size", type=int, default=16, help="images per forward pass and per grid PNG")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    if not 0 < args.threshold <= 1:
-        ap.error(f"--threshold must be in (0, 1], got {args.threshold}")
-    if args.n < 1 or args.batch_size < 1:
-        ap.error("--n and --batch_size must be >= 1")
-    return args
+def parse_args(argv):
+    cfg = configurator.parse(argv, CLI, __file__, choices=CHOICES, required=("ckpt",),
+                             aliases={"data": "data_dir", "out": "out_dir", "select": "show"})
+    if bool(cfg["data_dir"]) == bool(cfg["images"]):
+        sys.exit("error: give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
+    if not 0 < cfg["threshold"] <= 1:
+        sys.exit(f"error: --threshold={cfg['threshold']} must be in (0, 1]")
+    if cfg["n"] < 1 or cfg["batch_size"] < 1:
+        sys.exit("error: --n and --batch_size must be >= 1")
+    if cfg["cell"]:
+        cfg["cell"] = configurator.cast("cell", cfg["cell"], (0, 0))
+    if cfg["images"]:
+        folder = Path(cfg["images"])
+        cfg["images"] = sorted(str(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else \
+            [p for p in cfg["images"].split(",") if p]
+    cfg["device"] = configurator.pick_device(cfg["device"])
+    return SimpleNamespace(**cfg)
 
 
 @torch.no_grad()
@@ -299,14 +302,14 @@ def main(argv=None):
         names = [Path(p).name for p in args.images]
     else:
         try:
-            data_meta = read_meta(args.data)
-            images, labels, groups = load_split(args.data, args.split)
+            data_meta = read_meta(args.data_dir)
+            images, labels, groups = load_split(args.data_dir, args.split)
         except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: cannot read split {args.split!r} of {args.data}: {e}")
+            sys.exit(f"error: cannot read split {args.split!r} of {args.data_dir}: {e}")
         indices = select(model, images, labels, groups, args, args.device)
         if len(indices) == 0:
             cell = f" in cell label={args.cell[0]}, group={args.cell[1]}" if args.cell else ""
-            sys.exit(f"error: empty selection: no {args.select} images in {args.data} {args.split}{cell}")
+            sys.exit(f"error: empty selection: no {args.show} images in {args.data_dir} {args.split}{cell}")
         inputs, labels, groups = list(images[indices]), labels[indices], groups[indices]
         names = [f"{args.split}[{i}]" for i in indices.tolist()]
     classes, group_names = data_meta.get("classes") or [], data_meta.get("groups") or []
@@ -314,45 +317,37 @@ def main(argv=None):
         sys.exit(f"error: {args.ckpt} predicts {model.cfg.num_classes} classes but the data has {len(classes)} "
                  f"({', '.join(classes)})")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        mean_t = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std_t = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        saved = {k: [] for k in ["maps", "masks", "mean_masks", "cls_self", "preds", "confidence"]}
-        starts = range(0, len(inputs), args.batch_size)
-        for b, start in enumerate(tqdm(starts, desc="attention", unit="batch")):
-            chunk = slice(start, start + args.batch_size)
-            x = torch.cat([prepare(u[None].to(args.device), S) for u in inputs[chunk]])
-            maps, cls_self, masks, mean_masks = attention_maps(model, x, args.threshold)
-            pred, conf = predict(model, x)
-            for k, v in zip(saved, [maps, masks, mean_masks, cls_self, pred, conf]):
-                saved[k].append(v.cpu())
-            rows = zip(names[chunk], labels[chunk].tolist(), groups[chunk].tolist(), pred.tolist(), conf.tolist())
-            titles = [row_title(*row, classes, group_names) for row in rows]
-            wrong = [y >= 0 and p >= 0 and p != y for y, p in zip(labels[chunk].tolist(), pred.tolist())]
-            shown = (x.cpu() * std_t + mean_t).clamp(0, 1)
-            maps_up = upsample(maps.cpu(), S, args.upsample)
-            plot_grid(tmp / f"grid_{b:03d}.png", shown, maps_up, maps_up.mean(1),
-                      upsample(masks.cpu(), S).bool(), upsample(mean_masks.cpu()[:, None], S)[:, 0].bool(),
-                      titles, wrong)
-        tensors = {k: torch.cat(v).contiguous() for k, v in saved.items()}
-        tensors.update(indices=indices.long(), labels=labels.long(), groups=groups.long())
-        info = dict(ckpt=args.ckpt, source="images" if args.images else "data", data=args.data, split=args.split,
-                    select=args.select, cell=args.cell, seed=args.seed, threshold=args.threshold,
-                    upsample=args.upsample, img_size=S, patch_size=model.cfg.patch_size, names=names,
-                    classes=classes, groups=group_names)
-        save_file(tensors, tmp / "maps.safetensors", metadata={k: json.dumps(v) for k, v in info.items()})
-        out.mkdir(exist_ok=True)
-        for f in out.glob("grid_*.png"):  # a previous, longer run's grids would pass for this run's
-            f.unlink()
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("grid_*.png"):  # a previous, longer run's grids would pass for this run's
+        f.unlink()
+    mean_t = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std_t = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    saved = {k: [] for k in ["maps", "masks", "mean_masks", "cls_self", "preds", "confidence"]}
+    starts = range(0, len(inputs), args.batch_size)
+    for b, start in enumerate(tqdm(starts, desc="attention", unit="batch")):
+        chunk = slice(start, start + args.batch_size)
+        x = torch.cat([prepare(u[None].to(args.device), S) for u in inputs[chunk]])
+        maps, cls_self, masks, mean_masks = attention_maps(model, x, args.threshold)
+        pred, conf = predict(model, x)
+        for k, v in zip(saved, [maps, masks, mean_masks, cls_self, pred, conf]):
+            saved[k].append(v.cpu())
+        rows = zip(names[chunk], labels[chunk].tolist(), groups[chunk].tolist(), pred.tolist(), conf.tolist())
+        titles = [row_title(*row, classes, group_names) for row in rows]
+        wrong = [y >= 0 and p >= 0 and p != y for y, p in zip(labels[chunk].tolist(), pred.tolist())]
+        shown = (x.cpu() * std_t + mean_t).clamp(0, 1)
+        maps_up = upsample(maps.cpu(), S, args.upsample)
+        plot_grid(out / f"grid_{b:03d}.png", shown, maps_up, maps_up.mean(1),
+                  upsample(masks.cpu(), S).bool(), upsample(mean_masks.cpu()[:, None], S)[:, 0].bool(), titles, wrong)
+    tensors = {k: torch.cat(v).contiguous() for k, v in saved.items()}
+    tensors.update(indices=indices.long(), labels=labels.long(), groups=groups.long())
+    info = dict(ckpt=args.ckpt, source="images" if args.images else "data", data=args.data_dir, split=args.split,
+                show=args.show, cell=args.cell, seed=args.seed, threshold=args.threshold,
+                upsample=args.upsample, img_size=S, patch_size=model.cfg.patch_size, names=names,
+                classes=classes, groups=group_names)
+    write_atomic(out / "maps.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()}))
     print(f"wrote {len(starts)} grid PNG(s) and maps.safetensors ({len(inputs)} images) to {out}")
-
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ class ViTConfig:
 
 PRESETS = {
     "vit_small_patch8": ViTConfig(),  # DINO ViT-S/8: 21.7M parameters, 785 tokens at 224
-    "vit_tiny": ViTConfig(img_size=80, dim=192, depth=4, heads=3),  # DeiT-Ti width, 4 blocks: CPU tests and demo
+    "vit_tiny": ViTConfig(img_size=80, dim=192, depth=4, heads=3),  # DeiT-Ti width, 4 blocks (the demo narrows it)
 }
 
 
@@ -330,7 +330,6 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
 # with {"__tensor__": name} where its tensors were, {"__tuple__": [...]} for tuples and {"__dict__": [[k, v], ...]}
 # for dicts whose keys are not all strings (optimizer state is keyed by int), so it comes back exactly.
 
-ARCHS: dict[str, Callable[[dict], nn.Module]] = {"vit": lambda config: ViT(ViTConfig(**config))}
 _RESERVED = {"arch", "model_config", "state"}
 _MARKERS = {"__tensor__", "__tuple__", "__dict__"}
 
@@ -484,5 +483,10 @@ class WideResNet50(nn.Module):
         return {"img_size": self.img_size, "num_classes": self.num_classes}
 
 
-ARCHS["small"] = lambda cfg: SmallCNN(**cfg)
-ARCHS["wrn50_2"] = lambda cfg: WideResNet50(**cfg)
+# every arch a checkpoint can hold. The protocol: the class has an `arch` name and a `config_dict()` whose items
+# are its constructor's keyword arguments, so load_checkpoint rebuilds it from the metadata alone.
+ARCHS: dict[str, Callable[[dict], nn.Module]] = {
+    "vit": lambda config: ViT(ViTConfig(**config)),
+    "small": lambda config: SmallCNN(**config),
+    "wrn50_2": lambda config: WideResNet50(**config),
+}

@@ -1,7 +1,7 @@
 """
 SING: StabIlized and Normalized Gradient (Courtois et al., "SING: A Plug-and-Play DNN Learning Technique",
-arXiv:2305.15997), written from the behaviour of the reference code (github.com/AdrienCourtois/SING), see
-../shared/research/sing.md. Each gradient is centred (tensors with dim > 1, per dim-0 slice), divided by its L2 norm
+arXiv:2305.15997), written from the behaviour of the reference code (https://github.com/AdrienCourtois/SING).
+Each gradient is centred (tensors with dim > 1, per dim-0 slice), divided by its L2 norm
 and written back to p.grad; then Adam with decoupled weight decay (dim > 1 only), a softplus denominator and
 LookAhead. Differences from the reference (its fp32/fp64 trajectories are unchanged):
 - step(closure) works (the reference raises AttributeError on Python >= 3.10) and runs the closure with grad on;
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 def _state_dtype(p):
     # fp32 state for bf16/fp16 params: the reference keeps it in the param dtype, where bf16 exp_avg_sq never decays
-    # (v * 0.999 rounds back to v, sing.md §7) and fp16 (1 - beta2) * g^2 underflows. fp64 params keep fp64 state.
+    # (with 8 mantissa bits, v * 0.999 rounds back to v) and fp16 (1 - beta2) * g^2 underflows. fp64 keeps fp64.
     return torch.promote_types(p.dtype, torch.float32)
 
 

@@ -1,18 +1,18 @@
 """
 Fine-tune a ViT (DINO ViT-S/8 by default) on a data.py data set for fair face-attribute classification.
 
-nanoGPT-style: the values in the config block below are the defaults, and the defaults ARE the seed recipe
-(seed0_dino.md §1.3-1.4). Override any of them with --key=value (type-checked against the default), or start
-from a preset with --config=NAME (seed_recipe, demo); unknown keys are an error.
+nanoGPT-style: the values in the config block below are the defaults, and the defaults ARE the recipe of the
+original 4th-place solution (DINO ViT-S/8 fine-tuned with SING at 224). Override any value with --key=value
+(configurator.py: typed like its default), or start from a preset with --config=NAME (recipe, demo).
 
-    python train_vit.py --config=seed_recipe --data=data/celeba --seed=3 --out_dir=runs/seed3
-    python train_vit.py --config=seed_recipe --data=data/celeba --img_size=80          # native 80x80, ~10x cheaper
-    python train_vit.py --sweep="0 1 2" --config=seed_recipe --data=data/celeba       # runs/seed<N>, runs/sweep.md
-    torchrun --standalone --nproc_per_node=8 train_vit.py --data=data/celeba          # DDP: NCCL on GPU, gloo on CPU
+    python train_vit.py --config=recipe --data=data/celeba --seed=3 --out_dir=runs/seed3
+    python train_vit.py --config=recipe --data=data/celeba --img_size=80           # native 80x80, ~8x cheaper
+    python train_vit.py --sweep="0 1 2" --config=recipe --data=data/celeba        # runs/sweep/seed<N>, sweep.md
+    torchrun --standalone --nproc_per_node=8 train_vit.py --data=data/celeba      # DDP: NCCL on GPU, gloo on CPU
 
 A run writes out_dir/log.jsonl (one line per epoch, validation metrics under evaluate.py's names),
-best.safetensors (best validation fair score), last.safetensors (+ optimizer, RNG and epoch state for
-resume=True) and curves.png.
+best.safetensors (best validation metric, select=), last.safetensors (+ optimizer, RNG and epoch state for
+resume=true) and curves.png.
 """
 
 import inspect
@@ -31,124 +31,82 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import configurator
 import data
 import evaluate
 import model
 from sing import SING
 
 # -----------------------------------------------------------------------------
-# config (defaults = the seed recipe)
+# config (defaults = the original solution's recipe)
 # I/O
-data_dir = "data/celeba"  # a data.py output folder (--data=... sets it)
-out_dir = "runs/vit"
+data_dir = "data/celeba"  # a data.py output folder
+out_dir = "runs/vit"  # where the checkpoints, log.jsonl and curves.png go
 resume = False  # continue from out_dir/last.safetensors if it exists
 sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
-sweep_dir = "runs"
+sweep_dir = "runs/sweep"  # the sweep's folder (its own, so a sweep never overwrites a `make train` run)
+select = "fair"  # the validation metric that picks best.safetensors: fair | accuracy
 # model
 init = "dino"  # dino: model.load_pretrained(pretrained) | scratch: random init of model.PRESETS[arch]
 pretrained = "facebook/dino-vits8"  # Hub id or local weights file (init=dino)
 arch = "vit_small_patch8"  # model.PRESETS name (init=scratch)
 dim = 0  # init=scratch size overrides of the preset; 0 keeps the preset's value
-depth = 0
-heads = 0
-patch_size = 0
+depth = 0  # (init=scratch) number of blocks; 0 keeps the preset's
+heads = 0  # (init=scratch) attention heads; 0 keeps the preset's
+patch_size = 0  # (init=scratch) patch side in pixels; 0 keeps the preset's
 img_size = 224  # the model's input: 80x80 images are resized (bicubic) on the device; 80 = native, 10x10 patches
-drop_path = 0.0
+drop_path = 0.0  # stochastic depth rate
 # data
-augment = True  # the original augmentation list (data.augment); False = resize + normalise only
-augment_kw = ""  # overrides of data.augment's scalar parameters, e.g. "erase_p=0,blur_p=0,max_angle=0.2"
+augment = "full"  # a data.AUGMENTS list: full (the original's) | weak (crop + flip) | none (resize + normalise)
+augment_kw = ""  # overrides of data.augment's parameters, e.g. "erase_p=0,blur_kernel=3,crop_scale=(0.3,1.0)"
 sampler = "random"  # random | balanced: oversample every label x group cell to the size of the largest
 train_groups = ""  # e.g. "0": train on these group ids only (0 = women, 1 = men), comma-separated
 backend = "resident"  # data.make_loader backend: resident | ffcv
 # loss
 loss = "bce_smooth"  # bce_smooth: BCE-with-logits on the 2 logits, targets 1-s / s (the recipe) | ce | focal
-smoothing = 0.1
-focal_gamma = 2.0
+smoothing = 0.1  # label smoothing s of bce_smooth
+focal_gamma = 2.0  # focal loss exponent
 group_weights = ""  # loss weight per (label, group) cell "w00,w01,w10,w11" (label-major), e.g. "1,1,1,3"
 # optimisation
 opt = "sing"  # sing | adamw
-lr = 5e-4
+lr = 5e-4  # peak learning rate
 weight_decay = 5e-3  # not on biases and norms (the recipe's no-decay group, by parameter name)
 warmup = 0.05  # linear warmup over this fraction of all iterations, then cosine to 0 at the end of `epochs`
 epochs = 10  # also the schedule's horizon
-stop_after = 0  # stop after this many epochs (0 = all): a short run that resume=True continues exactly
+stop_after = 0  # stop after this many epochs (0 = all): a short run that resume=true continues exactly
 batch_size = 64  # global: split evenly over DDP ranks
-eval_batch_size = 256
+eval_batch_size = 256  # validation batch
 # system
-seed = 0
+seed = 0  # weights, batch order, augmentation, drop-path
 device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile the model on CUDA (CPU runs stay eager and fp32)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 CHOICES = {"init": ("dino", "scratch"), "sampler": ("random", "balanced"), "backend": ("resident", "ffcv"),
-           "loss": ("bce_smooth", "ce", "focal"), "opt": ("sing", "adamw")}
+           "loss": ("bce_smooth", "ce", "focal"), "opt": ("sing", "adamw"), "select": evaluate.SELECT,
+           "augment": tuple(data.AUGMENTS)}
 PRESETS = {
-    "seed_recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
-    # make demo: a 1.1M-parameter ViT (4 blocks, width 128, 8x8 patches) from scratch at native 80x80 on data/demo,
-    # ~6.5 minutes on 2 CPU cores. From scratch and this short, it learns with crop + flip only (the full list keeps
-    # it at the trivial classifier for several epochs) and at a DeiT-like lr (2e-3 was unstable past 8 epochs).
+    "recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
+    # make demo: a 0.83M-parameter ViT (4 blocks, width 128, 8x8 patches) from scratch at native 80x80 on data/demo.
+    # From scratch and this short, it learns with crop + flip only (the full list keeps it at the trivial
+    # classifier for several epochs) and at a DeiT-like lr (2e-3 was unstable past 8 epochs).
     "demo": dict(init="scratch", arch="vit_tiny", dim=128, heads=4, img_size=80, opt="adamw", lr=5e-4,
-                 weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce",
-                 augment_kw="rotate_p=0,erase_p=0,color_p=0,blur_p=0"),
+                 weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce", augment="weak"),
 }
-NO_DECAY = ("bias", "bn", "norm", "layernorm")  # the recipe's name patterns (Train.py L183-187)
-
-
-def parse_config(argv):
-    """Defaults, then the --config=NAME presets, then every --key=value, cast to the default's type."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nconfig (default):\n" + "\n".join(f"  --{k}={v}" for k, v in DEFAULTS.items()))
-            print("presets: " + ", ".join(f"--config={k}" for k in PRESETS))
-            sys.exit(0)
-        if not (arg.startswith("--") and "=" in arg):
-            sys.exit(f"error: expected --key=value, got '{arg}'")
-    for arg in argv:
-        if arg.startswith("--config="):
-            name = arg.split("=", 1)[1]
-            if name not in PRESETS:
-                sys.exit(f"error: unknown preset --config={name} (presets: {', '.join(PRESETS)})")
-            cfg.update(PRESETS[name])
-    for arg in argv:
-        key, val = arg[2:].split("=", 1)
-        key = "data_dir" if key == "data" else key
-        if key == "config":
-            continue
-        if key not in DEFAULTS:
-            sys.exit(f"error: unknown config key --{key} (see --help)")
-        cfg[key] = cast(key, val, DEFAULTS[key])
-    for key, options in CHOICES.items():
-        if cfg[key] not in options:
-            sys.exit(f"error: --{key}={cfg[key]} is not one of {', '.join(options)}")
-    return cfg
-
-
-def cast(key, val, default):
-    try:
-        if isinstance(default, bool):
-            return {"true": True, "1": True, "false": False, "0": False}[val.lower()]
-        return type(default)(val)
-    except (KeyError, ValueError):
-        sys.exit(f"error: --{key}={val} is not a {type(default).__name__} (default {default!r})")
+PRESETS["seed_recipe"] = PRESETS["recipe"]  # its earlier name
+NO_DECAY = ("bias", "bn", "norm", "layernorm")  # the original's no-decay name patterns: biases and norm layers
+AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(data.augment).parameters.items()
+                  if p.default is not inspect.Parameter.empty and k != "generator"}  # what augment_kw may override
 
 
 # -----------------------------------------------------------------------------
 # building blocks
 
-def augment_kwargs(text):
-    """"erase_p=0,blur_p=0" -> {"erase_p": 0.0, "blur_p": 0.0}, checked against data.augment's parameters."""
-    known = inspect.signature(data.augment).parameters
-    kw = {}
-    for item in filter(None, text.split(",")):
-        key, _, val = item.partition("=")
-        try:
-            kw[key.strip()] = float(val)
-        except ValueError:
-            sys.exit(f"error: augment_kw item '{item}' is not name=number")
-        if key.strip() not in known or key.strip() in ("x_u8", "out_size", "generator"):
-            sys.exit(f"error: augment_kw: data.augment has no parameter '{key.strip()}'")
-    return kw
+def param_groups(net, weight_decay):
+    """The recipe's two groups: decay on every trainable parameter but biases and norms (by name, NO_DECAY)."""
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in params if not any(k in n for k in NO_DECAY)], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if any(k in n for k in NO_DECAY)], "weight_decay": 0.0}]
 
 
 def build_model(c, num_classes):
@@ -251,7 +209,7 @@ def plot_curves(history, path):
         ax[2].legend()
     ax[2].set(title="val fair score", xlabel="epoch")
     fig.tight_layout()
-    evaluate.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -263,19 +221,22 @@ def train(cfg):
     c = SimpleNamespace(**cfg)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     master = rank == 0
-    if c.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(c.device)
+    device = configurator.pick_device(c.device)
     cuda = device.type == "cuda"
     if c.batch_size % world:
         sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
     try:
         meta = data.read_meta(c.data_dir)
+        _, val_groups = data.load_labels(c.data_dir, "val")
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     group_names = meta["groups"] or evaluate.GROUP_NAMES
-    fair = len(meta["groups"]) == 2  # else the best epoch is kept by accuracy
+    fair = evaluate.has_both_groups(val_groups)
+    if c.select == "fair" and not fair:
+        sys.exit(f"error: select=fair needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    if master and not cuda and c.init == "dino" and c.img_size >= 224:
+        print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
+              "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
     indices = None
     if c.train_groups or c.sampler == "balanced":
         labels, groups = data.load_labels(c.data_dir, "train")
@@ -283,32 +244,27 @@ def train(cfg):
             sys.exit("error: sampler=balanced and train_groups need group labels on every train sample")
         indices = train_indices(c, labels, groups)
     cell_weights = None
-    if c.group_weights:
-        w = c.group_weights.split(",")
-        if len(w) != 4 or not all(v.replace(".", "", 1).isdigit() for v in w) or len(meta["classes"]) != 2 or not fair:
-            sys.exit(f"error: group_weights={c.group_weights} needs 4 numbers (label-major: w00,w01,w10,w11) and a "
-                     f"data set with 2 classes and 2 groups")
-        cell_weights = torch.tensor([float(v) for v in w], device=device)
+    if c.group_weights:  # 4 numbers, label-major: w00,w01,w10,w11
+        cell_weights = torch.tensor(configurator.cast("group_weights", c.group_weights, (1.0,) * 4), device=device)
+        if len(meta["classes"]) != 2 or not fair:
+            sys.exit(f"error: group_weights={c.group_weights} needs a data set with 2 classes and 2 groups")
+    aug_kw = {**(data.AUGMENTS[c.augment] or {}), **configurator.parse_kw("augment_kw", c.augment_kw, AUGMENT_PARAMS)}
 
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_model(c, len(meta["classes"])).to(device)
     torch.manual_seed(c.seed + 1_000_003 * rank)  # drop-path masks: a different stream per rank
     aug_gen = torch.Generator(device=device).manual_seed(c.seed + 1_000_003 * rank)  # a different stream per rank
-    aug_kw = augment_kwargs(c.augment_kw)
     loader_kw = dict(device=device, backend=c.backend, rank=rank, world_size=world)
     train_loader = data.make_loader(c.data_dir, "train", c.batch_size // world, train=True, seed=c.seed,
                                     indices=indices, **loader_kw)
     val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, **loader_kw)
 
-    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
-    param_groups = [
-        {"params": [p for n, p in params if not any(k in n for k in NO_DECAY)], "weight_decay": c.weight_decay},
-        {"params": [p for n, p in params if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
-    ]
+    groups_of_params = param_groups(net, c.weight_decay)
+    params = [p for group in groups_of_params for p in group["params"]]
     if c.opt == "sing":
-        optimizer = SING(param_groups, lr=c.lr)
+        optimizer = SING(groups_of_params, lr=c.lr)
     else:
-        optimizer = torch.optim.AdamW(param_groups, lr=c.lr, fused=cuda)
+        optimizer = torch.optim.AdamW(groups_of_params, lr=c.lr, fused=cuda)  # fused kernels exist for CUDA only
 
     iters = len(train_loader)
     total = iters * c.epochs
@@ -335,7 +291,7 @@ def train(cfg):
     ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta)}
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
-        print(f"{sum(p.numel() for _, p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
+        print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
               f" epochs, global batch {c.batch_size} on {world} x {device}")
 
     end_epoch = min(c.epochs, c.stop_after) if c.stop_after else c.epochs
@@ -348,14 +304,15 @@ def train(cfg):
             lr_now = lr_at(c, epoch * iters + i, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment else data.prepare(x, c.img_size)
+            inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment != "none" else \
+                data.prepare(x, c.img_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = forward(inputs)
             loss = loss_fn(c, logits.float(), y, g, cell_weights)
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()  # DDP averages gradients over ranks; the recipe sums over the global batch
             # measured before the step: SING overwrites p.grad with the centred, normalised gradient
-            gnorm = torch.nn.utils.get_total_norm([p.grad for _, p in params if p.grad is not None]).item()
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
             loss_val = loss.item()
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
                 sys.exit(f"error: non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration {i};"
@@ -376,7 +333,7 @@ def train(cfg):
                   "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
                   "img_per_s": totals[1].item() / train_time, "time_s": time.time() - t0, **metrics}
         history.append(record)
-        score = metrics["fair_score"] if fair else metrics["accuracy"]
+        score = evaluate.selection_score(metrics, c.select)
         improved = score > best
         best = max(best, score)
         rng = rng_states(aug_gen, device, world)  # a collective: every rank takes part
@@ -386,18 +343,17 @@ def train(cfg):
             model.save_checkpoint(last_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics},
                                   state={"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch,
                                          "best": best, "history": history})
-            evaluate.write_atomic(os.path.join(c.out_dir, "log.jsonl"),
-                         lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
+            model.write_atomic(os.path.join(c.out_dir, "log.jsonl"),
+                               lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
             plot_curves(history, os.path.join(c.out_dir, "curves.png"))
             groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
             print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} | val acc {metrics['accuracy']:.4f} "
                   f"{groups_txt} | fair {metrics.get('fair_score', float('nan')):.4f}{' *' if improved else ''} | "
                   f"grad norm {record['grad_norm']:.3g} | {record['img_per_s']:.0f} img/s")
-    key = "fair_score" if fair else "accuracy"
-    return max(history, key=lambda h: h[key]) if history else None
+    return max(history, key=lambda h: evaluate.selection_score(h, c.select)) if history else None
 
 
-def write_sweep(cfg, results, path):
+def write_sweep(results, path):
     """Markdown table over seeds of the best-epoch validation metrics, with mean +- std (sample std)."""
     names = list(results[0][1].get("group_accuracy", {}))
     cols = ["fair_score", *[f"acc_{n}" for n in names], "accuracy"]
@@ -411,8 +367,17 @@ def write_sweep(cfg, results, path):
     lines += [f"| {s} | {r['epoch']} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
               for (s, r), row in zip(results, rows)]
     lines.append("| mean ± std | | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(a.mean(0), std)) + " |")
-    evaluate.write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    model.write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
+
+
+def parse_config(argv):
+    """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
+    cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)  # checked now, not at the first batch
+    if cfg["group_weights"]:
+        configurator.cast("group_weights", cfg["group_weights"], (1.0,) * 4)
+    return cfg
 
 
 def main(argv=None):
@@ -431,7 +396,7 @@ def main(argv=None):
             results = [(s, train({**cfg, "seed": s, "out_dir": os.path.join(cfg["sweep_dir"], f"seed{s}")}))
                        for s in seeds]
             if not ddp or dist.get_rank() == 0:
-                write_sweep(cfg, results, os.path.join(cfg["sweep_dir"], "sweep.md"))
+                write_sweep(results, os.path.join(cfg["sweep_dir"], "sweep.md"))
         else:
             train(cfg)
     finally:

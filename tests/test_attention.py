@@ -137,15 +137,12 @@ def test_row_title_names_what_is_known():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(data dir, classifier checkpoint) on 32x32 synthetic faces."""
-    root = tmp_path_factory.mktemp("attn")
-    data_dir = str(root / "data")
-    data.main(["synthetic", "--n", "160", "--size", "32", "--seed", "0", "--out", data_dir])
-    meta = data.read_meta(data_dir)
-    ckpt = str(root / "tiny.safetensors")
+def tiny(tiny_data, tmp_path_factory):
+    """(data dir, classifier checkpoint) on the shared 32x32 synthetic faces."""
+    meta = data.read_meta(tiny_data)
+    ckpt = str(tmp_path_factory.mktemp("attn") / "tiny.safetensors")
     model.save_checkpoint(ckpt, peaked_vit(), meta={"data": {k: meta[k] for k in ("classes", "groups")}})
-    return data_dir, ckpt
+    return tiny_data, ckpt
 
 
 def grid_px(path):
@@ -159,9 +156,9 @@ def test_cli_data_writes_grids_and_maps(tiny, tmp_path):
     attention.main(["--ckpt", ckpt, "--data", data_dir, "--split", "val", "--n", "5", "--batch_size", "4",
                     "--out", str(out)])
     assert sorted(os.listdir(out)) == ["grid_000.png", "grid_001.png", "maps.safetensors"]
-    # cells: 32 px zoomed x5 to 160; 5 columns (input, 2 heads, mean, contours); 20 px header + 20 px per row title
-    assert grid_px(out / "grid_000.png") == (5 * 160, 20 + 4 * (20 + 160))
-    assert grid_px(out / "grid_001.png") == (5 * 160, 20 + 1 * (20 + 160))
+    # a grid per batch of 4: rows = images; the layout's own arithmetic gives the size (2 heads, 32 px input)
+    assert grid_px(out / "grid_000.png") == attention.grid_size_px(4, 2, 32)
+    assert grid_px(out / "grid_001.png") == attention.grid_size_px(1, 2, 32)
     saved = load_file(out / "maps.safetensors")
     assert saved["maps"].shape == (5, 2, 4, 4) and saved["masks"].dtype == torch.bool
     torch.testing.assert_close(saved["maps"].sum((-2, -1)), torch.ones(5, 2))
@@ -172,19 +169,19 @@ def test_cli_data_writes_grids_and_maps(tiny, tmp_path):
     assert ((saved["preds"] >= 0) & (saved["confidence"] >= 0.5)).all()  # a 2-class head: softmax max >= 0.5
     with safe_open(out / "maps.safetensors", "pt") as f:
         assert f.metadata()["threshold"] == "0.6"
-    assert not [p for p in os.listdir(tmp_path) if p != "out"]  # no temp folder left behind
+    assert not [p for p in os.listdir(tmp_path) if p != "out"]  # nothing written beside it
 
 
-@pytest.mark.parametrize("select", ["errors", "correct"])
-def test_cli_select_and_cell(tiny, tmp_path, select):
+@pytest.mark.parametrize("show", ["errors", "correct"])
+def test_cli_show_and_cell(tiny, tmp_path, show):
     data_dir, ckpt = tiny
-    attention.main(["--ckpt", ckpt, "--data", data_dir, "--split", "train", "--n", "3", "--select", select,
+    attention.main(["--ckpt", ckpt, "--data", data_dir, "--split", "train", "--n", "3", "--show", show,
                     "--cell", "1,0", "--out", str(tmp_path)])
     saved = load_file(tmp_path / "maps.safetensors")
     assert len(saved["indices"]) > 0
     assert (saved["labels"] == 1).all() and (saved["groups"] == 0).all()
     wrong = saved["preds"] != saved["labels"]
-    assert wrong.all() if select == "errors" else (~wrong).all()
+    assert wrong.all() if show == "errors" else (~wrong).all()
 
 
 def test_cli_images_are_resized_to_img_size(tiny, tmp_path, capsys):
@@ -195,9 +192,11 @@ def test_cli_images_are_resized_to_img_size(tiny, tmp_path, capsys):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     out = tmp_path / "out"
-    attention.main(["--ckpt", ckpt, "--images", *paths, "--upsample", "bicubic", "--out", str(out)])
+    attention.main(["--ckpt", ckpt, "--images", ",".join(paths), "--upsample", "bicubic", "--out", str(out)])
     assert "32x32" in capsys.readouterr().out
-    assert grid_px(out / "grid_000.png") == (5 * 160, 20 + 2 * (20 + 160))
+    assert grid_px(out / "grid_000.png") == attention.grid_size_px(2, 2, 32)
+    attention.main(["--ckpt", ckpt, "--images", str(tmp_path), "--out", str(tmp_path / "folder")])  # a folder
+    assert load_file(tmp_path / "folder" / "maps.safetensors")["maps"].shape == (2, 2, 4, 4)
     saved = load_file(out / "maps.safetensors")
     assert saved["maps"].shape == (2, 2, 4, 4) and (saved["labels"] == -1).all()
 
@@ -243,18 +242,19 @@ def test_errors_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch):
         "cannot read image": ["--ckpt", ckpt, "--images", str(tmp_path / "garbage.jpg")],
         "square": ["--ckpt", ckpt, "--images", str(tmp_path / "wide.png")],
         "empty selection": ["--ckpt", ckpt, "--data", data_dir, "--cell", "1,7"],
-        "no classifier head": ["--ckpt", backbone, "--data", data_dir, "--select", "errors"],
+        "no classifier head": ["--ckpt", backbone, "--data", data_dir, "--show", "errors"],
+        "--cell=1 needs 2 comma-separated values": ["--ckpt", ckpt, "--data", data_dir, "--cell", "1"],
+        "exactly one of --data_dir": ["--ckpt", ckpt],
+        "--show=all is not one of: random, errors, correct": ["--ckpt", ckpt, "--data", data_dir, "--show", "all"],
     }
     for expected, argv in cases.items():
         msg = exit_message([*argv, "--out", out])
         assert msg.startswith("error: ") and expected in msg and "\n" not in msg, msg
     assert not os.path.exists(out)
-    with pytest.raises(SystemExit) as e:  # argparse's usage error
-        attention.main(["--ckpt", ckpt, "--data", data_dir, "--cell", "1", "--out", out])
-    assert e.value.code == 2 and not os.path.exists(out)
 
 
-def test_failure_mid_run_leaves_no_output(tiny, tmp_path, monkeypatch):
+def test_failure_mid_run_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
+    # every file is written atomically and maps.safetensors, written last, marks a finished run
     data_dir, ckpt = tiny
     real, calls = attention.plot_grid, []
 
@@ -268,7 +268,7 @@ def test_failure_mid_run_leaves_no_output(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         attention.main(["--ckpt", ckpt, "--data", data_dir, "--n", "4", "--batch_size", "2",
                         "--out", str(tmp_path / "out")])
-    assert os.listdir(tmp_path) == []  # neither the first grid nor the temp folder
+    assert os.listdir(tmp_path / "out") == ["grid_000.png"]  # complete, no temp file, no maps.safetensors
 
 
 def test_cli_error_exit_status_and_stderr(tmp_path):

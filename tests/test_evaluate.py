@@ -137,16 +137,14 @@ def run_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny synthetic data set and an untrained 2-class checkpoint for it (scores need not be good here)."""
+def tiny(tiny_data, tmp_path_factory):
+    """The shared tiny data set and an untrained 2-class checkpoint for it (scores need not be good here)."""
     root = tmp_path_factory.mktemp("eval")
-    data_dir = str(root / "data")
-    data.build(data.parse_args(["synthetic", "--n=300", "--size=32", f"--out={data_dir}"]))
     torch.manual_seed(0)
     net = model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=2))
     ckpt = str(root / "tiny.safetensors")
     model.save_checkpoint(ckpt, net, meta={"data": {"image_size": [32, 32]}})
-    return root, data_dir, ckpt
+    return root, tiny_data, ckpt
 
 
 def test_cli_round_trip(tiny):
@@ -202,8 +200,15 @@ def test_cli_errors(tiny, tmp_path):
 def test_cli_without_group_labels(tiny, tmp_path, capsys):
     _, _, ckpt = tiny
     no_groups = str(tmp_path / "nogroups")
-    data.build(data.parse_args(["synthetic", "--n=100", "--size=32", "--group=none", f"--out={no_groups}"]))
-    assert "no group labels" in cli_error("--ckpt", ckpt, "--data", no_groups)
-    ev.main(["--ckpt", ckpt, "--data", no_groups, "--no_fair", "--out", str(tmp_path / "out")])
+    data.main(["synthetic", "--n=100", "--size=32", "--group=none", f"--out_dir={no_groups}"])
+    ev.main(["--ckpt", ckpt, "--data", no_groups, "--out", str(tmp_path / "out")])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert "accuracy" in report and "fair_score" not in report and "accuracy" in capsys.readouterr().out
+    assert "accuracy" in report and "fair_score" not in report
+    out = capsys.readouterr().out
+    assert "does not hold both groups: overall metrics only" in out and "accuracy" in out
+
+
+def test_has_both_groups_and_selection_rule():
+    assert ev.has_both_groups([0, 1, -1]) and not ev.has_both_groups([0, 0, -1]) and not ev.has_both_groups([])
+    m = {"accuracy": 0.9, "fair_score": 0.7}
+    assert ev.selection_score(m, "fair") == 0.7 and ev.selection_score(m, "accuracy") == 0.9

@@ -24,7 +24,7 @@ from model import PRESETS, ViT, load_checkpoint, load_pretrained, resize_pos_emb
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = 2
-# config.json of facebook/dino-vits8 (research/seed0_dino.md §3.2), depth reduced
+# config.json of facebook/dino-vits8 (https://huggingface.co/facebook/dino-vits8/blob/main/config.json), depth reduced
 DINO_VITS8 = dict(image_size=224, patch_size=8, hidden_size=384, num_hidden_layers=DEPTH, num_attention_heads=6,
                   intermediate_size=1536, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True)
 ATOL = 1e-5

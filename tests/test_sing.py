@@ -1,4 +1,5 @@
-"""SING against the reference's recorded trajectories and the properties of ../shared/research/sing.md §9."""
+"""SING against the reference's recorded trajectories (tests/sing_reference_vectors.json) and the properties the
+paper states: loss-scale invariance, centred unit-norm gradients, decay on 2-D params only, LookAhead merges."""
 
 import copy
 import json

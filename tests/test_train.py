@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import data
 import model
 import train_vit
 
@@ -17,13 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
         "--batch_size=16", "--eval_batch_size=64", "--device=cpu"]
 VOLATILE = {"time_s", "img_per_s"}  # wall-clock numbers in log.jsonl; everything else must reproduce exactly
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "tiny")
-    data.build(data.parse_args(["synthetic", "--n=400", "--size=32", f"--out={out}"]))  # 320 / 40 / 40 images
-    return out
 
 
 def run(tiny_data, out_dir, *args):
@@ -54,15 +46,20 @@ def test_config_overrides_presets_and_types():
     assert cfg["lr"] == 0.1 and cfg["epochs"] == 3 and cfg["resume"] is True and cfg["data_dir"] == "d"
     assert cfg["init"] == "scratch" and cfg["img_size"] == 80  # from the demo preset, whatever the argument order
     assert train_vit.parse_config([])["opt"] == "sing"
-    recipe = train_vit.parse_config(["--config=seed_recipe"])
+    assert train_vit.parse_config(["--config=seed_recipe"]) == train_vit.parse_config(["--config=recipe"])
+    recipe = train_vit.parse_config(["--config=recipe"])
     assert (recipe["init"], recipe["img_size"], recipe["lr"], recipe["weight_decay"], recipe["batch_size"],
             recipe["epochs"], recipe["warmup"], recipe["loss"], recipe["smoothing"]) == \
         ("dino", 224, 5e-4, 5e-3, 64, 10, 0.05, "bce_smooth", 0.1)
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--nope=1", "unknown config key --nope"),
-    ("--epochs=2.5", "--epochs=2.5 is not a int"),
+    ("--nope=1", "unknown key --nope"),
+    ("--out-dir=x", "did you mean --out_dir?"),
+    ("--epochs=2.5", "--epochs=2.5 is not an int"),
+    ("--lr=fast", "--lr=fast is not a float"),
+    ("--group_weights=1,2", "--group_weights=1,2 needs 4 comma-separated values"),
+    ("--augment=strong", "--augment=strong is not one of: full, weak, none"),
     ("--resume=maybe", "is not a bool"),
     ("--loss=mse", "--loss=mse is not one of"),
     ("--config=fast", "unknown preset"),
@@ -117,11 +114,15 @@ def test_train_indices_balanced_and_groups():
     assert set(idx[(labels[idx] == 1) & (groups[idx] == 1)].tolist()) == {17}
 
 
-def test_no_decay_group_by_name():
+def test_param_groups_decay_weights_only():
     net = model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=2))
-    no_decay = {n for n, _ in net.named_parameters() if any(k in n for k in train_vit.NO_DECAY)}
-    assert "blocks.0.norm1.weight" in no_decay and "head.bias" in no_decay and "norm.weight" in no_decay
-    assert "blocks.0.attn.qkv.weight" not in no_decay and "pos_embed" not in no_decay
+    decay, no_decay = train_vit.param_groups(net, 0.1)
+    name = {id(p): n for n, p in net.named_parameters()}
+    decay_names, no_decay_names = {name[id(p)] for p in decay["params"]}, {name[id(p)] for p in no_decay["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay_names | no_decay_names == set(name.values()) and not decay_names & no_decay_names
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias", "norm.weight"} <= no_decay_names
+    assert {"blocks.0.attn.qkv.weight", "pos_embed", "cls_token", "patch_embed.proj.weight"} <= decay_names
 
 
 # -----------------------------------------------------------------------------
@@ -163,6 +164,15 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, reference_run, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_augment_kw_keeps_integer_parameters(tiny_data, tmp_path):
+    # blur_kernel is an int: cast to 3.0 it would crash conv2d's padding on the first batch
+    run(tiny_data, tmp_path, "--epochs=1", "--augment_kw=blur_kernel=3,blur_p=1,crop_scale=(0.3,1.0)")
+    assert len(read_log(tmp_path)) == 1
+    with pytest.raises(SystemExit) as e:
+        run(tiny_data, tmp_path / "bad", "--augment_kw=blur_kernel=3.5")
+    assert str(e.value.code) == "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"
+
+
 def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypatch):
     run(tiny_data, tmp_path, "--stop_after=1")
     good = (tmp_path / "last.safetensors").read_bytes()
@@ -175,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypa
 
 def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
     # same global batch (16 = 2 x 8), no augmentation (each rank draws its own), rank-strided data shards
-    args = [*TINY, f"--data={tiny_data}", "--augment=False"]
+    args = [*TINY, f"--data={tiny_data}", "--augment=none"]
     train_vit.main([*args, f"--out_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
