@@ -9,7 +9,9 @@ has_both_groups, selection_score, compute_metrics. CLI (configurator.py's --key=
     python evaluate.py --ckpt ... --data data/challenge --split test --submit submission.txt
 """
 
+import csv
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -66,25 +68,104 @@ def f1(cm):
     return float(per_class[1] if len(cm) == 2 else per_class.mean())
 
 
-def bootstrap_ci(pred, label, group, n_boot=1000, seed=0, level=0.95):
-    """Percentile bootstrap CI of the fair score and of each group's accuracy.
+def rates(pred, label):
+    """fairlearn's base rates of binary predictions (class 1 = positive): selection rate, TPR, FPR, FNR and PPV
+    (precision). A rate whose denominator is empty is 0, as fairlearn gives (scikit-learn's normalised confusion
+    matrix and zero_division)."""
+    (tn, fp), (fn, tp) = confusion(pred, label, 2)
+    ratio = lambda a, b: float(a / b) if b else 0.0
+    return {"selection_rate": ratio(tp + fp, tn + fp + fn + tp), "tpr": ratio(tp, tp + fn), "fpr": ratio(fp, fp + tn),
+            "fnr": ratio(fn, tp + fn), "ppv": ratio(tp, tp + fp)}
 
-    The statistic depends only on how many resampled items fall in each (group, correct) cell, and resampling N
-    items with replacement gives multinomial(N, empirical cell frequencies) counts exactly, so we draw the counts
-    directly: the same distribution as resampling indices, in O(n_boot) memory instead of O(n_boot * N).
-    """
+
+def auroc(p, label):
+    """Area under the ROC curve of scores p for class 1 against class 0: the Mann-Whitney statistic with ties counted
+    half (average ranks), as scikit-learn's roc_auc_score; nan when one of the two classes is absent."""
+    p, label = _np(p).astype(np.float64), _np(label)
+    n_pos, n_neg = int((label == 1).sum()), int((label == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    values, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average 1-based rank of each score among ties
+    return float((rank[label == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(p, label):
+    """(fpr, tpr) at every distinct threshold of p, from (0, 0) to (1, 1), for plotting."""
+    p, label = _np(p), _np(label)
+    order = np.argsort(-p, kind="stable")
+    p, label = p[order], label[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # the end of each run of equal scores
+    tp, fp = np.cumsum(label == 1)[last], np.cumsum(label == 0)[last]
+    return np.r_[0, fp] / max(fp[-1], 1), np.r_[0, tp] / max(tp[-1], 1)
+
+
+def calibration(confidence, correct, bins=15):
+    """Expected calibration error (Guo et al. 2017) of the top-label confidence over `bins` equal-width bins of
+    [0, 1], and the reliability diagram behind it: (ece, [(mean confidence, accuracy, n) per non-empty bin])."""
+    confidence, correct = _np(confidence).astype(np.float64), _np(correct).astype(np.float64)
+    b = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # bin k holds (k/bins, (k+1)/bins]
+    n = np.bincount(b, minlength=bins)
+    conf, acc = (np.bincount(b, w, minlength=bins) for w in (confidence, correct))
+    nz = n > 0
+    ece = float(np.abs(conf[nz] - acc[nz]).sum() / max(len(confidence), 1))
+    return ece, [(float(c / k), float(a / k), int(k)) for c, a, k in zip(conf[nz], acc[nz], n[nz])]
+
+
+def gaps(by_group):
+    """fairlearn's between-group differences (max - min over groups, fairlearn's default method) of per-group rates:
+    demographic parity difference and ratio (selection rate), equalized odds difference (the larger of the TPR and
+    FPR differences; `_mean`: their mean), equal opportunity difference (TPR) and the accuracy difference."""
+    col = lambda k: np.array([m[k] for m in by_group.values()])
+    diff = lambda k: float(col(k).max() - col(k).min())
+    sr = col("selection_rate")
+    return {"demographic_parity_difference": diff("selection_rate"),
+            "demographic_parity_ratio": float(sr.min() / sr.max()) if sr.max() > 0 else float("nan"),
+            "equalized_odds_difference": max(diff("tpr"), diff("fpr")),
+            "equalized_odds_difference_mean": (diff("tpr") + diff("fpr")) / 2,
+            "equal_opportunity_difference": diff("tpr"), "accuracy_difference": diff("accuracy")}
+
+
+def cell_accuracies(pred, label, group):
+    """{(label, group): accuracy} over the label x group cells present (known groups only), the cells of the
+    group-robustness literature (Group DRO, JTT: e.g. Blond_Hair x Male on CelebA)."""
     pred, label, group = _np(pred), _np(label), _np(group)
-    correct = (pred == label).astype(np.int64)
-    cell = np.where(group >= 0, 2 * group + correct, 4)  # 4 = unknown group, still resampled
-    if group.max(initial=-1) > 1:
-        raise ValueError("bootstrap_ci supports groups 0 and 1 only")
-    freq = np.bincount(cell, minlength=5) / len(cell)
-    counts = np.random.default_rng(seed).multinomial(len(cell), freq, size=n_boot)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a resample may miss a group entirely: nan, ignored
-        acc = [counts[:, 2 * g + 1] / (counts[:, 2 * g] + counts[:, 2 * g + 1]) for g in (0, 1)]
+    cells = np.unique(np.stack([label, group], 1)[group >= 0], axis=0)
+    return {(int(y), int(g)): float((pred[(label == y) & (group == g)] == y).mean()) for y, g in cells}
+
+
+def bootstrap_ci(pred, label, group, num_classes=2, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap CIs of the fair score, each group's accuracy, the worst cell's accuracy and (two classes)
+    the demographic parity and equalized odds differences.
+
+    Every one of these depends only on how many resampled items fall in each (group, label, prediction) cell, and
+    resampling N items with replacement gives multinomial(N, empirical cell frequencies) counts exactly, so we draw
+    the counts directly: the same distribution as resampling indices, in O(n_boot) memory instead of O(n_boot * N).
+    """
+    pred, label, group = _np(pred).astype(np.int64), _np(label).astype(np.int64), _np(group).astype(np.int64)
+    G, C = int(group.max(initial=-1)) + 1, num_classes
+    cell = np.where(group >= 0, (group * C + label) * C + pred, G * C * C)  # the last cell: unknown group
+    freq = np.bincount(cell, minlength=G * C * C + 1) / len(cell)
+    counts = np.random.default_rng(seed).multinomial(len(cell), freq, size=n_boot)[:, :-1].reshape(n_boot, G, C, C)
     q = [50 * (1 - level), 50 * (1 + level)]
-    return {"fair_score": np.nanpercentile(_fair(*acc), q).tolist(),
-            "group_accuracy": {g: np.nanpercentile(acc[g], q).tolist() for g in (0, 1)}}
+    ci = lambda v: np.nanpercentile(v, q).tolist()
+    present = [g for g in range(G) if (group == g).any()]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample may miss a group or cell: nan, ignored
+        acc = {g: np.trace(counts[:, g], axis1=1, axis2=2) / counts[:, g].sum((1, 2)) for g in present}
+        per_cell = [counts[:, g, y, y] / counts[:, g, y].sum(1) for y, g in cell_accuracies(pred, label, group)]
+        out = {"group_accuracy": {g: ci(a) for g, a in acc.items()},
+               "worst_group_accuracy": ci(np.nanmin(np.stack(per_cell), 0)) if per_cell else None}
+        if present == [0, 1]:
+            out["fair_score"] = ci(_fair(acc[0], acc[1]))
+        if C == 2 and len(present) > 1:
+            rate = lambda a, b: np.nan_to_num(a / b)  # an empty denominator gives 0, as in rates()
+            c = counts[:, present]
+            sr = rate(c[..., 1].sum(-1), c.sum((-1, -2)))
+            tpr, fpr = rate(c[:, :, 1, 1], c[:, :, 1].sum(-1)), rate(c[:, :, 0, 1], c[:, :, 0].sum(-1))
+            spread = lambda v: v.max(1) - v.min(1)
+            out["demographic_parity_difference"] = ci(spread(sr))
+            out["equalized_odds_difference"] = ci(np.maximum(spread(tpr), spread(fpr)))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -144,32 +225,73 @@ def has_both_groups(group):
     return bool((group == 0).any() and (group == 1).any())
 
 
-SELECT = ("fair", "accuracy")  # the validation metrics a training run can keep its best checkpoint by
+SELECT = ("fair", "worst_group", "accuracy")  # the validation metrics a run can keep its best checkpoint by
+SELECT_KEY = {"fair": "fair_score", "worst_group": "worst_group_accuracy", "accuracy": "accuracy"}
 
 
 def selection_score(metrics, select):
     """The one best-checkpoint rule of both training scripts: the validation metric named by select= (higher is
-    better). select=fair needs validation data with both groups; the scripts check that before training."""
-    return metrics["fair_score"] if select == "fair" else metrics["accuracy"]
+    better). fair and worst_group need validation data with both groups; the scripts check that before training."""
+    return metrics[SELECT_KEY[select]]
 
 
-def compute_metrics(scores, label, group, thresholds=None, fair=True, group_names=GROUP_NAMES, n_boot=1000,
-                    seed=0):
-    """All metrics of one split as a JSON-able dict; fair=False for data without groups (accuracy, F1 only)."""
-    scores, label, group = _np(scores), _np(label), _np(group)
+def compute_metrics(scores, label, group, thresholds=None, fair=True, group_names=GROUP_NAMES, class_names=None,
+                    n_boot=1000, seed=0, curves=False):
+    """Every metric of one split as a JSON-able dict, under fairlearn's names where fairlearn has the metric.
+
+    Overall: n, accuracy, F1, confusion, ECE (15 bins) and, for two classes, AUROC. With fair=True and at least two
+    known groups: per group (`groups`: n, accuracy, selection rate, TPR, FPR, FNR, PPV, AUROC, ECE), the
+    between-group gaps (gaps()), the label x group cells (`cell_accuracy`, `worst_group_accuracy` and its
+    `worst_group` name, `mean_cell_accuracy`), the fair score for exactly two groups, and bootstrap CIs (n_boot > 0).
+    curves=True adds the ROC curve and reliability diagram of everyone and of each group (`curves`) for plots.
+    """
+    scores, label, group = _np(scores).astype(np.float64), _np(label), _np(group)
+    C = scores.shape[1]
+    class_names = class_names or [str(c) for c in range(C)]
+    prob = torch.softmax(torch.as_tensor(scores), 1).numpy()
     pred = decide(scores, group, thresholds)
-    cm = confusion(pred, label, scores.shape[1])
-    m = {"n": len(label), "accuracy": float((pred == label).mean()), "f1": f1(cm), "confusion": cm.tolist()}
-    if fair:
-        acc = group_accuracies(pred, label, group)
-        m["fair_score"] = fair_score(acc)
-        m["group_accuracy"] = {group_names[g]: a for g, a in acc.items()}
-        m["group_confusion"] = {group_names[g]: confusion(pred[group == g], label[group == g], cm.shape[0]).tolist()
-                                for g in acc}
-        if n_boot:
-            ci = bootstrap_ci(pred, label, group, n_boot, seed)
-            m["fair_score_ci"] = ci["fair_score"]
-            m["group_accuracy_ci"] = {group_names[g]: c for g, c in ci["group_accuracy"].items()}
+    cm = confusion(pred, label, C)
+
+    def summary(keep):
+        m = {"n": int(keep.sum()), "accuracy": float((pred[keep] == label[keep]).mean())}
+        if C == 2:
+            m |= rates(pred[keep], label[keep]) | {"auroc": auroc(prob[keep, 1], label[keep])}
+        m["ece"], _ = calibration(prob[keep].max(1), prob[keep].argmax(1) == label[keep])
+        return m
+
+    def curve(keep):  # ROC points and reliability bins, for report.png
+        fpr, tpr = roc_curve(prob[keep, 1], label[keep]) if C == 2 else ([], [])
+        _, bins = calibration(prob[keep].max(1), prob[keep].argmax(1) == label[keep])
+        return {"roc_fpr": np.asarray(fpr).tolist(), "roc_tpr": np.asarray(tpr).tolist(), "reliability": bins}
+
+    everyone = summary(np.ones(len(label), bool))
+    m = {"n": len(label), "accuracy": everyone["accuracy"], "f1": f1(cm), "ece": everyone["ece"],
+         **({"auroc": everyone["auroc"]} if C == 2 else {}), "confusion": cm.tolist()}
+    if curves:
+        m["curves"] = {"all": curve(np.ones(len(label), bool))}
+    known = np.unique(group[group >= 0]).tolist()
+    if not fair or len(known) < 2:
+        return m
+    name = lambda g: group_names[g] if g < len(group_names) else str(g)
+    by_group = {name(g): summary(group == g) for g in known}
+    m["groups"] = by_group
+    m["group_accuracy"] = {k: v["accuracy"] for k, v in by_group.items()}
+    m["group_confusion"] = {name(g): confusion(pred[group == g], label[group == g], C).tolist() for g in known}
+    if known == [0, 1]:
+        m["fair_score"] = fair_score(group_accuracies(pred, label, group))
+    if C == 2:
+        m |= gaps(by_group)
+    cells = {f"{class_names[y]} / {name(g)}": a for (y, g), a in cell_accuracies(pred, label, group).items()}
+    m["cell_accuracy"] = cells
+    m["worst_group"] = min(cells, key=cells.get)
+    m["worst_group_accuracy"] = cells[m["worst_group"]]
+    m["mean_cell_accuracy"] = float(np.mean(list(cells.values())))
+    if n_boot:
+        ci = bootstrap_ci(pred, label, group, C, n_boot, seed)
+        m["group_accuracy_ci"] = {name(g): v for g, v in ci.pop("group_accuracy").items()}
+        m |= {f"{k}_ci": v for k, v in ci.items()}
+    if curves:
+        m["curves"] |= {name(g): curve(group == g) for g in known}
     return m
 
 
@@ -194,47 +316,98 @@ def predict(model, loader, img_size, desc=None):
 # CLI
 
 def plot_report(report, path):
+    """report.png: accuracy per group and per label x group cell, the fairness gaps (95% CIs where bootstrapped),
+    ROC curves and reliability diagrams per group, and each group's confusion matrix."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(report.get("group_accuracy", {}))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (acc_ax, cell_ax, gap_ax), (roc_ax, rel_ax, cm_ax) = axes
     variants = [("argmax", report)] + ([("thresholded", report["thresholded"])] if "thresholded" in report else [])
-    names = list(report["group_accuracy"])
-    fig, axes = plt.subplots(1, 1 + len(names), figsize=(4 * (1 + len(names)), 3.6))
-    for k, (label, m) in enumerate(variants):
-        acc = [m["group_accuracy"][n] for n in names]
-        ci = np.array([m["group_accuracy_ci"][n] for n in names]).T
-        x = np.arange(len(names)) + 0.4 * k
-        lo, hi = m["fair_score_ci"]
-        axes[0].bar(x, acc, width=0.4, yerr=np.abs(ci - np.array(acc)), capsize=4,
-                    label=f"{label}: fair {m['fair_score']:.3f} [{lo:.3f}, {hi:.3f}]")
-    axes[0].set_xticks(np.arange(len(names)) + 0.2 * (len(variants) - 1), names)
-    axes[0].set_ylim(max(0.0, min(report["group_accuracy"].values()) - 0.2), 1.0)
-    axes[0].set_ylabel("accuracy (95% CI)")
-    axes[0].legend(fontsize=7, loc="lower right")
-    for ax, n in zip(axes[1:], names):
-        cm = np.array(report["group_confusion"][n])
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), c in np.ndenumerate(cm):
-            ax.text(j, i, str(c), ha="center", va="center", color="red")
-        ax.set(title=f"{n} (argmax)", xlabel="predicted", ylabel="true", xticks=range(len(cm)), yticks=range(len(cm)))
+    err = lambda value, ci: np.abs(np.array(ci, dtype=float).reshape(-1, 2).T - np.array(value, dtype=float))
+    if names:
+        for k, (label, m) in enumerate(variants):
+            acc = [m["group_accuracy"][n] for n in names]
+            ci = [m["group_accuracy_ci"][n] for n in names] if "group_accuracy_ci" in m else None
+            fair = f": fair {m['fair_score']:.3f}" if "fair_score" in m else ""
+            acc_ax.bar(np.arange(len(names)) + 0.4 * k, acc, width=0.4, label=label + fair, capsize=4,
+                       yerr=None if ci is None else err(acc, ci))
+        acc_ax.set_xticks(np.arange(len(names)) + 0.2 * (len(variants) - 1), names)
+        acc_ax.set_ylim(max(0.0, min(report["group_accuracy"].values()) - 0.2), 1.0)
+        acc_ax.legend(fontsize=7, loc="lower right")
+        cells = report["cell_accuracy"]
+        cell_ax.bar(range(len(cells)), list(cells.values()),
+                    color=["tab:red" if c == report["worst_group"] else "tab:blue" for c in cells])
+        cell_ax.set_xticks(range(len(cells)), list(cells), rotation=20, fontsize=7)
+        cell_ax.set(title=f"label x group cells: worst {report['worst_group_accuracy']:.3f} (red), "
+                          f"mean {report['mean_cell_accuracy']:.3f}", ylim=(0, 1))
+        gap_keys = [k for k in ("demographic_parity_difference", "equalized_odds_difference",
+                                "equal_opportunity_difference", "accuracy_difference") if k in report]
+        values = [report[k] for k in gap_keys]
+        ci = [report.get(f"{k}_ci", [v, v]) for k, v in zip(gap_keys, values)]
+        gap_ax.barh(range(len(gap_keys)), values, xerr=err(values, ci) if gap_keys else None, capsize=4)
+        gap_ax.set_yticks(range(len(gap_keys)), [k.replace("_", " ") for k in gap_keys], fontsize=7)
+        gap_ax.set(title="between-group differences (0 = parity)", xlim=(0, None))
+        acc_ax.set(title=f"accuracy {report['accuracy']:.3f}; per group (95% CI)", ylabel="accuracy")
+    else:  # no groups in this split: the top row has nothing to show
+        for ax in (acc_ax, cell_ax, gap_ax):
+            ax.set_axis_off()
+        acc_ax.text(0, 0.5, f"accuracy {report['accuracy']:.4f}\nF1 {report['f1']:.4f}\n(no group labels)",
+                    fontsize=14, va="center")
+    for name, curve in report.get("curves", {}).items():
+        style = dict(color="black", linestyle="--") if name == "all" else dict(linestyle="-")
+        stats = report if name == "all" else report["groups"][name]
+        if curve["roc_fpr"]:
+            roc_ax.plot(curve["roc_fpr"], curve["roc_tpr"], label=f"{name}: AUROC {stats['auroc']:.3f}", **style)
+        conf, acc, _ = zip(*curve["reliability"]) if curve["reliability"] else ((), (), ())
+        rel_ax.plot(conf, acc, marker="o", label=f"{name}: ECE {stats['ece']:.3f}", **style)
+    roc_ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+    roc_ax.set(title="ROC per group", xlabel="false positive rate", ylabel="true positive rate")
+    rel_ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+    rel_ax.set(title="reliability (15 bins of top-label confidence)", xlabel="confidence", ylabel="accuracy",
+               xlim=(0, 1), ylim=(0, 1))
+    for ax in (roc_ax, rel_ax):
+        ax.legend(fontsize=7, loc="lower right")
+    matrices = report.get("group_confusion") or {"all": report["confusion"]}
+    C = len(report["confusion"])
+    grid = np.full((C, len(matrices) * (C + 1) - 1), np.nan)  # the matrices side by side, a blank column between
+    for k, (name, cm) in enumerate(matrices.items()):
+        grid[:, k * (C + 1): k * (C + 1) + C] = cm
+        for (i, j), c in np.ndenumerate(np.array(cm)):
+            cm_ax.text(k * (C + 1) + j, i, str(c), ha="center", va="center", color="red")
+        if len(matrices) > 1:
+            cm_ax.text(k * (C + 1) + (C - 1) / 2, -0.65, name, ha="center", va="bottom")
+    cm_ax.imshow(grid, cmap="Blues")
+    cm_ax.set(xlabel="predicted (columns of each matrix)", ylabel="true", xticks=[], yticks=range(C))
+    cm_ax.set_title("confusion (argmax)", pad=24)
     fig.suptitle(f"{report['ckpt']} on {report['data']}/{report['split']}", fontsize=8)
     fig.tight_layout()
-    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
 def print_table(report):
+    """The headline numbers; report.json holds everything."""
     names = list(report.get("group_accuracy", {}))
     print(f"{report['data']} / {report['split']}: n = {report['n']}, checkpoint {report['ckpt']}")
-    print(f"{'':12s} {'accuracy':>9s} {'F1':>7s}" + "".join(f" {n:>7s}" for n in names) + ("    fair" if names else ""))
+    ci = lambda m, k: f" [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" if k + "_ci" in m else ""
     variants = [("argmax", report)] + ([("thresholded", report["thresholded"])] if "thresholded" in report else [])
     for label, m in variants:
-        row = f"{label:12s} {m['accuracy']:9.4f} {m['f1']:7.4f}" + "".join(f" {m['group_accuracy'][k]:7.4f}"
-                                                                          for k in names)
+        line = f"{label:11s} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}"
+        line += f"  AUROC {m['auroc']:.4f}  ECE {m['ece']:.4f}" if label == "argmax" and "auroc" in m else ""
+        print(line)
         if names:
-            row += f" {m['fair_score']:7.4f}  95% CI [{m['fair_score_ci'][0]:.4f}, {m['fair_score_ci'][1]:.4f}]"
-        print(row)
+            print(f"{'':11s} " + "  ".join(f"{n} {m['group_accuracy'][n]:.4f}" for n in names))
+            if "fair_score" in m:
+                print(f"{'':11s} fair {m['fair_score']:.4f}{ci(m, 'fair_score')}")
+            print(f"{'':11s} worst group {m['worst_group_accuracy']:.4f}{ci(m, 'worst_group_accuracy')} "
+                  f"({m['worst_group']})")
+            if "equalized_odds_difference" in m:
+                print(f"{'':11s} EO difference {m['equalized_odds_difference']:.4f}"
+                      f"{ci(m, 'equalized_odds_difference')}  DP difference "
+                      f"{m['demographic_parity_difference']:.4f}{ci(m, 'demographic_parity_difference')}")
     if "thresholded" in report:
         t = report["thresholded"]["thresholds"]
         print("thresholds on p(class 1), fitted on val: " + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
@@ -242,30 +415,164 @@ def print_table(report):
 
 # the CLI's config: --key=value overrides (configurator.py's convention)
 CLI = dict(
-    ckpt="",  # a .safetensors checkpoint from train_vit.py / train_mixmatch.py (required)
-    data_dir="",  # a data.py output folder (required)
-    split="test",  # the split to score
-    out_dir="",  # folder for report.json and report.png (empty: print only)
+    ckpt="",  # our .safetensors checkpoint, or a Hub repo pushed with --push_to_hub (required)
+    data_dir="",  # a data.py output folder to score (this, or images)
+    images="",  # image files (comma-separated) or a folder: predictions.csv for them, no metrics
+    split="test",  # the split of data_dir to score
+    out_dir="",  # folder for report.json, report.png, predictions.csv (and README.md with --card)
     submit="",  # write challenge-format predictions (-1/1 per line, split order) to this file
-    batch_size=256,
+    submit_thresholds=False,  # --submit decides with the per-group thresholds (fitted on val, or from --thresholds)
+    thresholds="",  # a report.json of an earlier run: reuse its per-group thresholds instead of fitting on val
+    card=False,  # also write a Hugging Face model card (out_dir/README.md) from this report
+    push_to_hub="",  # a Hub repo id: upload model.safetensors, README.md (the card) and config.json there
+    batch_size=256,  # images per forward pass
     device="auto",  # auto = cuda if available, else cpu
     n_boot=1000,  # bootstrap resamples behind the 95% CIs
 )
 
 
+def parse_args(argv):
+    cfg = configurator.parse(argv, CLI, __file__, aliases={"data": "data_dir", "out": "out_dir"}, required=("ckpt",))
+    if bool(cfg["data_dir"]) == bool(cfg["images"]):
+        sys.exit("error: give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
+    if cfg["images"] and (cfg["submit"] or cfg["card"] or cfg["push_to_hub"]):
+        sys.exit("error: --images writes predictions only; --submit, --card and --push_to_hub need --data_dir")
+    if (cfg["card"] or cfg["push_to_hub"]) and not cfg["out_dir"]:
+        sys.exit("error: --card and --push_to_hub need --out_dir (the card is written there first)")
+    if cfg["n_boot"] < 0 or cfg["batch_size"] < 1:
+        sys.exit("error: --n_boot must be >= 0 and --batch_size >= 1")
+    return SimpleNamespace(**cfg)
+
+
+def read_thresholds(path, names):
+    """Per-group thresholds [t_0, t_1] saved by an earlier run in its report.json."""
+    try:
+        saved = json.loads(Path(path).read_text())["thresholds"]
+        return [float(saved[n]) for n in names[:2]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: --thresholds={path}: no per-group thresholds for {', '.join(names[:2])} in it ({e!r})")
+
+
+def write_predictions(path, scores, labels, groups, thresholds, files=None):
+    """predictions.csv, a row per sample in split order: what fairlearn, AIF360 or a spreadsheet take."""
+    prob = torch.softmax(torch.as_tensor(_np(scores), dtype=torch.float32), 1).numpy()
+    argmax, decided = decide(scores), decide(scores, groups, thresholds) if thresholds else decide(scores)
+    header = ["index", "file", "label", "group", *(f"p_{c}" for c in range(prob.shape[1])), "pred", "pred_thresholded"]
+    rows = [[i, files[i] if files else "", int(y), int(g), *(f"{v:.6f}" for v in prob[i]), int(a), int(d)]
+            for i, (y, g, a, d) in enumerate(zip(_np(labels), _np(groups), argmax, decided))]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    model.write_atomic(path, write)
+
+
+def model_card(report, ck_meta, meta):
+    """A Hugging Face model card (README.md): YAML metadata with the model-index results, then the report's
+    per-group numbers, the worst cell, the fairness gaps with their CIs and the data's cell counts."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    cfg = ck_meta.get("config", {})
+    source = meta.get("source", "data")
+    dataset = "flwrlabs/celeba" if source == "celeba" else source
+    metrics = [(k, report[k]) for k in ("accuracy", "fair_score", "worst_group_accuracy", "equalized_odds_difference",
+                                        "demographic_parity_difference", "auroc") if k in report]
+    results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+                          dataset_split=report["split"], metric_type=k, metric_name=k.replace("_", " "),
+                          metric_value=round(float(v), 4)) for k, v in metrics]
+    card_data = ModelCardData(
+        library_name="pytorch", tags=["image-classification", "fairness", "vision-transformer", "safetensors"],
+        base_model=cfg.get("pretrained") if cfg.get("init", "dino") == "dino" and "pretrained" in cfg else None,
+        datasets=[dataset], model_name=Path(report["ckpt"]).parent.name or "model", eval_results=results)
+    ci = lambda k: (f" (95% CI {report[k + '_ci'][0]:.3f}-{report[k + '_ci'][1]:.3f})" if k + "_ci" in report
+                    else "")
+    lines = [f"# {card_data.model_name}", "",
+             f"A binary face-attribute classifier ({', '.join(meta['classes'])}; label = `{meta.get('criterion')}`), "
+             "trained with fairface-vit (plain PyTorch; weights in `model.safetensors`, our checkpoint format: the "
+             "model config, training config and data summary are in its metadata).", "",
+             "## Evaluation", "", f"`evaluate.py` on the {report['split']} split of `{report['data']}` "
+             f"(n = {report['n']}): accuracy {report['accuracy']:.4f}, F1 {report['f1']:.4f}.", ""]
+    if "groups" in report:
+        lines += ["| group | n | accuracy | selection rate | TPR | FPR | AUROC | ECE |", "|---" * 8 + "|"]
+        lines += [f"| {n} | {g['n']} | {g['accuracy']:.4f} | {g.get('selection_rate', math.nan):.4f} | "
+                  f"{g.get('tpr', math.nan):.4f} | {g.get('fpr', math.nan):.4f} | {g.get('auroc', math.nan):.4f} | "
+                  f"{g['ece']:.4f} |" for n, g in report["groups"].items()]
+    lines += ["", "## Bias, risks and limitations", ""]
+    if "groups" in report:
+        if "fair_score" in report:
+            lines.append(f"- Fair score (mean group accuracy minus the gap): {report['fair_score']:.4f}"
+                         f"{ci('fair_score')}.")
+        lines.append(f"- Worst label x group cell: {report['worst_group']}, accuracy "
+                     f"{report['worst_group_accuracy']:.4f}{ci('worst_group_accuracy')}; mean over cells "
+                     f"{report['mean_cell_accuracy']:.4f}.")
+        for k in ("equalized_odds_difference", "demographic_parity_difference", "equal_opportunity_difference"):
+            if k in report:
+                lines.append(f"- {k.replace('_', ' ').capitalize()}: {report[k]:.4f}{ci(k)}.")
+    else:
+        lines.append("- The evaluation data has no group labels: no per-group numbers were measured.")
+    lines += ["", "Cells of the data (label / group: train, val, test counts):", ""]
+    names_of = lambda kind, i: (meta[kind][i] if 0 <= i < len(meta[kind]) else str(i))
+    cells = {}
+    for split, info in meta["splits"].items():
+        for c in info.get("cells", []):
+            cells.setdefault((c["label"], c["group"]), {})[split] = c["n"]
+    lines += [f"- {names_of('classes', y)} / {names_of('groups', g) if g >= 0 else 'unknown'}: "
+              + ", ".join(f"{counts.get(s, 0)}" for s in meta["splits"]) for (y, g), counts in sorted(cells.items())]
+    lines += ["", "These numbers hold for data like the evaluation split only; faces from other sources, ages, "
+              "skin tones or image conditions may score differently, and the groups measured here are the only "
+              "ones checked."]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def push_to_hub(repo_id, ckpt, out_dir, config):
+    """Upload the checkpoint as model.safetensors (never a pickle), the card and a config.json to a Hub repo."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    model.write_atomic(os.path.join(out_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(config)))
+    staged = os.path.join(out_dir, "model.safetensors")
+    if os.path.abspath(ckpt) != os.path.abspath(staged):
+        model.write_atomic(staged, lambda tmp: shutil.copyfile(ckpt, tmp))
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        for name in ("model.safetensors", "README.md", "config.json"):
+            api.upload_file(path_or_fileobj=os.path.join(out_dir, name), path_in_repo=name, repo_id=repo_id)
+    except (OSError, ValueError) as e:  # offline, HF_HUB_OFFLINE=1, no token, no rights: hub errors are OSErrors
+        sys.exit(f"error: cannot push to the Hub repo {repo_id} ({type(e).__name__}); log in with `hf auth login` "
+                 f"and check the network; everything to upload is in {out_dir}")
+    print(f"pushed model.safetensors, README.md and config.json to https://huggingface.co/{repo_id}")
+
+
 def main(argv=None):
-    args = SimpleNamespace(**configurator.parse(sys.argv[1:] if argv is None else argv, CLI, __file__,
-                                                aliases={"data": "data_dir", "out": "out_dir"},
-                                                required=("ckpt", "data_dir")))
-    if not os.path.isfile(args.ckpt):
-        sys.exit(f"error: no checkpoint file {args.ckpt}")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         net, ck_meta, _ = model.load_checkpoint(args.ckpt)
-        meta = data.read_meta(args.data_dir)
+        meta = data.read_meta(args.data_dir) if args.data_dir else None
     except (ValueError, OSError, KeyError) as e:
         sys.exit(f"error: {e}")
-    classes = meta["classes"]
     cfg = net.config_dict()
+    img_size = cfg["img_size"]
+    device = configurator.pick_device(args.device)
+    if args.images:
+        trained = ck_meta.get("data", {}).get("image_size") or [img_size, img_size]
+        images, files, skipped = data.read_images(args.images, trained[0])
+        for path, why in skipped:
+            print(f"skipped {path}: {why}")
+        if not len(images):
+            sys.exit(f"error: no readable image in --images={args.images}")
+        none = torch.full((len(images),), -1)  # no labels, no groups
+        batches = ((x.to(device), y, g) for x, y, g in zip(*(t.split(args.batch_size) for t in (images, none, none))))
+        scores, _, _ = predict(net.to(device), batches, img_size, desc="predict")
+        out = args.out_dir or "predictions.csv"
+        out = out if out.endswith(".csv") else os.path.join(out, "predictions.csv")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        write_predictions(out, scores, none, none, None, files)
+        print(f"wrote {len(files)} predictions to {out} ({len(skipped)} files skipped)")
+        return
+
+    classes = meta["classes"]
     if args.split not in meta["splits"]:
         sys.exit(f"error: split '{args.split}' is not in {args.data_dir} (it has: {', '.join(meta['splits'])})")
     if cfg["num_classes"] != len(classes):
@@ -276,10 +583,10 @@ def main(argv=None):
         sys.exit(f"error: {args.ckpt} was trained on {trained_size} images, {args.data_dir} holds {meta['image_size']}")
     if args.submit and len(classes) != 2:
         sys.exit("error: the challenge format (-1/1) needs a 2-class data set")
+    names = meta.get("groups") or list(GROUP_NAMES)
+    thresholds = read_thresholds(args.thresholds, names) if args.thresholds else None
 
-    device = configurator.pick_device(args.device)
     net.to(device)
-    img_size = cfg["img_size"]
     loader = lambda split: data.make_loader(args.data_dir, split, args.batch_size, train=False, device=device)
     scores, labels, groups = predict(net, loader(args.split), img_size, desc=f"predict {args.split}")
     has_labels = bool((labels >= 0).all())
@@ -288,34 +595,52 @@ def main(argv=None):
         sys.exit(f"error: split '{args.split}' has no labels to score; use --submit to write predictions")
     if has_labels and not fair:
         print(f"split '{args.split}' of {args.data_dir} does not hold both groups: overall metrics only")
+    if thresholds is None and len(classes) == 2 and "val" in meta["splits"]:
+        # post-processing: thresholds fitted on val (on val itself the thresholded score is optimistic)
+        val = (scores, labels, groups) if args.split == "val" else predict(net, loader("val"), img_size, "val")
+        if bool((val[1] >= 0).all()) and has_both_groups(val[2]):
+            thresholds = fit_group_thresholds(*val)
+    if args.submit_thresholds and thresholds is None:
+        sys.exit("error: --submit_thresholds needs --thresholds=REPORT.json or a labelled val split with both groups")
 
-    report = None
+    report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split}
+    if thresholds is not None:
+        report["thresholds"] = {**dict(zip(names, thresholds)), "fitted_on": args.thresholds or "val"}
     if has_labels:
-        names = meta.get("groups") or GROUP_NAMES
-        report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split,
-                  **compute_metrics(scores, labels, groups, fair=fair, group_names=names, n_boot=args.n_boot)}
-        if fair and len(classes) == 2 and "val" in meta["splits"]:
-            # post-processing: thresholds fitted on val (on val itself this score is optimistic), scored here
-            val = (scores, labels, groups) if args.split == "val" else predict(net, loader("val"), img_size, "val")
-            if bool((val[1] >= 0).all()) and has_both_groups(val[2]):
-                t = fit_group_thresholds(*val)
-                report["thresholded"] = {"thresholds": dict(zip(names, t)), "fitted_on": "val",
-                                         **compute_metrics(scores, labels, groups, t, fair=True, group_names=names,
-                                                           n_boot=args.n_boot)}
+        report |= compute_metrics(scores, labels, groups, fair=fair, group_names=names, class_names=classes,
+                                  n_boot=args.n_boot, curves=True)
+        if fair and thresholds is not None:
+            report["thresholded"] = compute_metrics(scores, labels, groups, thresholds, group_names=names,
+                                                    class_names=classes, n_boot=args.n_boot)
         print_table(report)
 
     if args.submit:
-        lines = "".join("1\n" if c == 1 else "-1\n" for c in decide(scores).tolist())
+        decided = decide(scores, groups, thresholds) if args.submit_thresholds else decide(scores)
+        lines = "".join("1\n" if c == 1 else "-1\n" for c in decided.tolist())
         model.write_atomic(args.submit, lambda tmp: Path(tmp).write_text(lines))
-        print(f"wrote {len(scores)} predictions to {args.submit}")
-    if args.out_dir and report is not None:
+        print(f"wrote {len(scores)} predictions to {args.submit}"
+              + (" (per-group thresholds)" if args.submit_thresholds else ""))
+    if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         model.write_atomic(os.path.join(args.out_dir, "report.json"),
                            lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-        if fair:
+        files = meta["splits"][args.split].get("files")
+        write_predictions(os.path.join(args.out_dir, "predictions.csv"), scores, labels, groups, thresholds, files)
+        written = ["report.json", "predictions.csv"]
+        if has_labels:
             plot_report(report, os.path.join(args.out_dir, "report.png"))
-        print(f"wrote {args.out_dir}/report.json" + (" and report.png" if fair else ""))
-
+            written.append("report.png")
+        if args.card or args.push_to_hub:
+            if not has_labels:
+                sys.exit(f"error: a model card needs metrics: split '{args.split}' has no labels")
+            card = model_card(report, ck_meta, meta)
+            model.write_atomic(os.path.join(args.out_dir, "README.md"), lambda tmp: Path(tmp).write_text(str(card)))
+            written.append("README.md")
+        print(f"wrote {', '.join(written)} to {args.out_dir}")
+    if args.push_to_hub:
+        push_to_hub(args.push_to_hub, args.ckpt, args.out_dir,
+                    {"model": cfg, "arch": net.arch, "classes": classes, "groups": names,
+                     "criterion": meta.get("criterion"), "image_size": meta["image_size"]})
 
 if __name__ == "__main__":
     main()

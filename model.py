@@ -246,6 +246,11 @@ def _download(repo_id):
     return weights, config
 
 
+def _is_repo_id(src):
+    """'owner/name' (a Hub repo id) as opposed to a path that does not exist."""
+    return str(src).count("/") == 1 and not str(src).startswith(("/", ".", "~")) and not Path(src).suffix
+
+
 def _read_source(src):
     """(state dict with our names, whether it was in the transformers layout, config.json dict or {})."""
     path = Path(src).expanduser()
@@ -256,12 +261,14 @@ def _read_source(src):
         weights, config = found[0], path / "config.json"
     elif path.is_file():
         weights, config = path, path.parent / "config.json"  # transformers keeps config.json beside the weights
-    elif str(src).startswith(("/", ".", "~")) or path.suffix in (".safetensors", ".bin", ".pth", ".pt"):
+    elif not _is_repo_id(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
     else:
         weights, config = _download(src)
     if weights.suffix == ".safetensors":
         sd = load_file(weights)
+        if any(k.startswith("model.") for k in sd):  # one of our checkpoints: its weights, not its resume state
+            sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
     else:  # a pickle: weights_only refuses anything but tensors and plain containers
         sd = torch.load(weights, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd.get("model", sd))  # training checkpoints nest the weights
@@ -406,8 +413,11 @@ def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = 
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model on device, meta, state or None) from a save_checkpoint file. State tensors stay on the CPU: RNG states
-    must, and optimizer.load_state_dict moves its tensors to the parameters' device."""
+    """(model on device, meta, state or None) from a save_checkpoint file, or from a Hub repo id holding one as
+    model.safetensors (evaluate.py --push_to_hub makes such repos). State tensors stay on the CPU: RNG states must,
+    and optimizer.load_state_dict moves its tensors to the parameters' device."""
+    if not os.path.exists(path) and _is_repo_id(path):
+        path = str(_download(path)[0])
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

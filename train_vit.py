@@ -232,8 +232,8 @@ def train(cfg):
         sys.exit(f"error: {e}")
     group_names = meta["groups"] or evaluate.GROUP_NAMES
     fair = evaluate.has_both_groups(val_groups)
-    if c.select == "fair" and not fair:
-        sys.exit(f"error: select=fair needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    if c.select != "accuracy" and not fair:
+        sys.exit(f"error: select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
@@ -353,20 +353,31 @@ def train(cfg):
     return max(history, key=lambda h: evaluate.selection_score(h, c.select)) if history else None
 
 
+SWEEP_COLUMNS = ("fair_score", "worst_group_accuracy", "equalized_odds_difference", "accuracy")
+
+
+def test_metrics(run_dir, data_dir, batch_size, device):
+    """evaluate.py's metrics of run_dir/best.safetensors on the test split (what a sweep reports besides val)."""
+    net, _, _ = model.load_checkpoint(os.path.join(run_dir, "best.safetensors"), device=device)
+    loader = data.make_loader(data_dir, "test", batch_size, train=False, device=device)
+    scores, labels, groups = evaluate.predict(net, loader, net.cfg.img_size)
+    return evaluate.compute_metrics(scores, labels, groups, fair=evaluate.has_both_groups(groups), n_boot=0)
+
+
 def write_sweep(results, path):
-    """Markdown table over seeds of the best-epoch validation metrics, with mean +- std (sample std)."""
-    names = list(results[0][1].get("group_accuracy", {}))
-    cols = ["fair_score", *[f"acc_{n}" for n in names], "accuracy"]
-    rows = [[r.get("fair_score", math.nan), *[r["group_accuracy"][n] for n in names], r["accuracy"]]
-            for _, r in results]
-    a = np.array(rows)
-    std = a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+    """Markdown table over seeds: each seed's best-validation checkpoint, its validation and test metrics, then
+    mean +- std (sample std) over seeds. results: [(seed, best val record, test metrics)]."""
+    _, val0, test0 = results[0]
+    cols = [("val", k) for k in SWEEP_COLUMNS if k in val0] + [("test", k) for k in SWEEP_COLUMNS if k in test0]
+    rows = np.array([[{"val": val, "test": test}[split][k] for split, k in cols] for _, val, test in results])
+    std = rows.std(0, ddof=1) if len(rows) > 1 else np.zeros(rows.shape[1])
     lines = [f"# Seed sweep: `train_vit.py {' '.join(sys.argv[1:])}`", "",
-             "Validation metrics of each seed's best epoch (best.safetensors).", "",
-             "| seed | best epoch | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {s} | {r['epoch']} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
-              for (s, r), row in zip(results, rows)]
-    lines.append("| mean ± std | | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(a.mean(0), std)) + " |")
+             "Each seed's best.safetensors (best validation epoch by select=): validation and test metrics.", "",
+             "| seed | best epoch | " + " | ".join(f"{split} {k}" for split, k in cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {s} | {val['epoch']} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
+              for (s, val, _), row in zip(results, rows)]
+    lines.append("| mean ± std | | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(rows.mean(0), std)) + " |")
     model.write_atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
@@ -393,9 +404,12 @@ def main(argv=None):
                 seeds = [int(s) for s in cfg["sweep"].replace(",", " ").split()]
             except ValueError:
                 sys.exit(f"error: --sweep={cfg['sweep']} is not a list of integer seeds")
-            results = [(s, train({**cfg, "seed": s, "out_dir": os.path.join(cfg["sweep_dir"], f"seed{s}")}))
-                       for s in seeds]
+            runs = [(s, os.path.join(cfg["sweep_dir"], f"seed{s}")) for s in seeds]
+            best = [train({**cfg, "seed": s, "out_dir": run_dir}) for s, run_dir in runs]
             if not ddp or dist.get_rank() == 0:
+                device = configurator.pick_device(cfg["device"])
+                results = [(s, val, test_metrics(run_dir, cfg["data_dir"], cfg["eval_batch_size"], device))
+                           for (s, run_dir), val in zip(runs, best)]
                 write_sweep(results, os.path.join(cfg["sweep_dir"], "sweep.md"))
         else:
             train(cfg)

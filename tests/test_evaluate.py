@@ -212,3 +212,83 @@ def test_has_both_groups_and_selection_rule():
     assert ev.has_both_groups([0, 1, -1]) and not ev.has_both_groups([0, 0, -1]) and not ev.has_both_groups([])
     m = {"accuracy": 0.9, "fair_score": 0.7}
     assert ev.selection_score(m, "fair") == 0.7 and ev.selection_score(m, "accuracy") == 0.9
+
+
+# -----------------------------------------------------------------------------
+# fairlearn's metrics, against fairlearn itself (a test-only dependency) and by hand
+
+def _case(name):
+    """(scores [n, 2], labels, groups) for the comparisons: random, and the edge cases the docstrings name."""
+    rng = np.random.default_rng(7)
+    n = 300
+    label, group = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    scores = rng.normal(size=(n, 2)) + np.stack([np.zeros(n), 0.8 * (2 * label - 1)], 1)
+    if name == "men_without_positives":  # TPR of men has no denominator: fairlearn (and we) take it as 0
+        label = np.where(group == 1, 0, label)
+    if name == "all_predicted_class_0":  # selection rate 0 everywhere: DP difference 0, DP ratio nan (0 / 0)
+        scores = np.stack([np.ones(n), np.zeros(n)], 1)
+    return scores, label, group
+
+
+@pytest.mark.parametrize("case", ["random", "men_without_positives", "all_predicted_class_0"])
+def test_group_metrics_equal_fairlearn(case):
+    fm = pytest.importorskip("fairlearn.metrics")
+    skm = pytest.importorskip("sklearn.metrics")
+    scores, y, g = _case(case)
+    pred, p = scores.argmax(1), ev.positive_prob(scores)
+    m = ev.compute_metrics(scores, y, g, n_boot=0)
+    frame = fm.MetricFrame(metrics={"selection_rate": fm.selection_rate, "tpr": fm.true_positive_rate,
+                                    "fpr": fm.false_positive_rate, "fnr": fm.false_negative_rate,
+                                    "accuracy": skm.accuracy_score},
+                           y_true=y, y_pred=pred, sensitive_features=np.array(["women", "men"])[g])
+    for name, row in m["groups"].items():
+        for k in ("selection_rate", "tpr", "fpr", "fnr", "accuracy"):
+            assert row[k] == pytest.approx(frame.by_group.loc[name, k], abs=1e-12), (name, k)
+        assert row["ppv"] == pytest.approx(skm.precision_score(y[g == (name == "men")], pred[g == (name == "men")],
+                                                               zero_division=0), abs=1e-12)
+        assert row["auroc"] == pytest.approx(skm.roc_auc_score(y[g == (name == "men")], p[g == (name == "men")])
+                                             if case != "men_without_positives" or name == "women" else np.nan,
+                                             abs=1e-12, nan_ok=True)
+    expected = {
+        "demographic_parity_difference": fm.demographic_parity_difference(y, pred, sensitive_features=g),
+        "demographic_parity_ratio": fm.demographic_parity_ratio(y, pred, sensitive_features=g),
+        "equalized_odds_difference": fm.equalized_odds_difference(y, pred, sensitive_features=g),
+        "equalized_odds_difference_mean": fm.equalized_odds_difference(y, pred, sensitive_features=g, agg="mean"),
+        "equal_opportunity_difference": fm.equal_opportunity_difference(y, pred, sensitive_features=g),
+        "accuracy_difference": frame.difference()["accuracy"],
+    }
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12, nan_ok=True), k
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+    if case == "all_predicted_class_0":
+        assert m["demographic_parity_difference"] == 0 and np.isnan(m["demographic_parity_ratio"])
+    if case == "men_without_positives":
+        assert m["groups"]["men"]["tpr"] == 0 and m["equal_opportunity_difference"] == m["groups"]["women"]["tpr"]
+
+
+def test_worst_group_ece_and_auroc_by_hand():
+    # cells (label, group): (1, women) 2/3 right, (0, men) 1/2, (0, unknown) not a cell
+    scores = np.eye(2)[PRED] * 3.0
+    m = ev.compute_metrics(scores, LABEL, GROUP, class_names=["no", "yes"], n_boot=0)
+    assert m["cell_accuracy"] == {"yes / women": pytest.approx(2 / 3), "no / men": pytest.approx(1 / 2)}
+    assert m["worst_group"] == "no / men" and m["worst_group_accuracy"] == 0.5
+    assert m["mean_cell_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # every confidence is softmax(3, 0) = 0.9526 (one bin) and 4 of 6 are right: ECE = |0.9526 - 4/6|
+    conf = 1 / (1 + np.exp(-3.0))
+    assert m["ece"] == pytest.approx(abs(conf - 4 / 6), abs=1e-12)
+    ece, bins = ev.calibration([0.55, 0.65, 0.95, 0.96], [1, 0, 1, 1], bins=10)
+    assert bins == [(0.55, 1.0, 1), (0.65, 0.0, 1), (pytest.approx(0.955), 1.0, 2)]
+    assert ece == pytest.approx((0.45 + 0.65 + 2 * 0.045) / 4)
+    assert ev.auroc([0.1, 0.4, 0.4, 0.8], [0, 0, 1, 1]) == pytest.approx((1 + 0.5 + 1 + 1) / 4)  # a tie is half
+    assert np.isnan(ev.auroc([0.1, 0.2], [1, 1]))
+
+
+def test_bootstrap_cis_cover_the_gap_metrics():
+    rng = np.random.default_rng(0)
+    n = 2000
+    y, g = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    pred = np.where(rng.random(n) < np.where(g == 1, 0.9, 0.75), y, 1 - y)
+    m = ev.compute_metrics(np.eye(2)[pred], y, g, n_boot=2000)
+    for k in ("fair_score", "worst_group_accuracy", "equalized_odds_difference", "demographic_parity_difference"):
+        lo, hi = m[f"{k}_ci"]
+        assert lo < m[k] < hi, k
