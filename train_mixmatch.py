@@ -1,19 +1,22 @@
 """
-MixMatch (Berthelot et al. 2019) semi-supervised training on one data.py folder, in one file, nanoGPT style.
+MixMatch (Berthelot et al. 2019, https://arxiv.org/abs/1905.02249) semi-supervised training on one data.py folder,
+in one file, nanoGPT style: the config block below holds the defaults, --key=value overrides them (configurator.py).
 
     python train_mixmatch.py --data=data/celeba --n_labeled=250                    # MixMatch, DINO ViT-S/8
     python train_mixmatch.py --data=data/aaf --arch=wrn50_2 --mode=supervised      # the baseline, same labels
     python train_mixmatch.py --config=cpu_small --data=data/ssl --n_labeled=250    # small CNN from scratch on CPU
-    python train_mixmatch.py --table=1 --config=cpu_small --data=data/ssl --n_labeled=250  # -> runs/ssl_table.md
+    python train_mixmatch.py --table --config=cpu_small --data=data/ssl --out_dir=runs/ssl_table  # -> ssl_table.md
+    python train_mixmatch.py ... --out_dir=runs/x --resume                         # continue a killed run exactly
+    torchrun --standalone --nproc_per_node=2 train_mixmatch.py ...                 # DDP: NCCL on GPU, gloo on CPU
 
 (data/ssl: `python data.py synthetic --n 12000 --target Male --group none --out data/ssl`, gender of drawn faces;
-`make ssl-table` builds it and runs the last line.)
+`make ssl-table` builds it and runs the table.)
 
 `n_labeled` train images (balanced per class, chosen by `seed`) keep their labels, the rest of the train split is
 used without labels; val scores every `eval_every` steps, test scores the best checkpoint at the end.
 mode=mixmatch (default) | supervised (the same n_labeled labels only: the baseline) | full (all labels: the ceiling).
 
-One MixMatch step (mixmatch.md §1.1): augment the labelled batch once and the unlabelled batch K times; guess
+One MixMatch step (the paper's Algorithm 1): augment the labelled batch once and the unlabelled batch K times; guess
 labels by averaging the softmax over the K views (no gradient) and sharpen with T; concatenate [x; u_1..u_K] with
 targets [onehot(y); q..q]; mix every row with a random row of the same concatenation with a per-sample
 lambda ~ Beta(alpha, alpha), lambda' = max(lambda, 1 - lambda); soft cross-entropy on the labelled rows, mean squared
@@ -22,9 +25,17 @@ EMA of the weights (the EMA model is the one evaluated and saved) and decoupled 
 on conv/linear weights, as the reference does. Batch norm: the guess pass uses batch statistics without updating
 the running ones, and the mixed 3B batch goes through the model in one forward, so the statistics always see
 labelled and unlabelled rows together (what the reference's interleave achieves with three forwards).
+
+A run writes out_dir/log.jsonl (one line per validation, then the test line), curves.png, best.safetensors (the
+EMA model at its best validation metric, select=) and last.safetensors (the EMA model, plus the raw model,
+optimizer, RNG, batch-stream and loss state that resume=true continues bit-identically on the CPU).
+DDP: batch_size is global; each rank takes its slice of the same global batch order, augments and mixes its own
+rows (mixup partners come from the same rank, BN statistics are per rank), and the gradients are averaged.
 """
+
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -32,110 +43,82 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data as D
-import evaluate as E
-import model as M
+import configurator
+import data
+import evaluate
+import model
 import sing
 
 # -----------------------------------------------------------------------------
-# default config values: the DINO ViT-S/8 fine-tuned with MixMatch
-data = "data/celeba"  # a data.py output folder
-out_dir = "runs/mixmatch"
+# config (defaults: the DINO ViT-S/8 fine-tuned with MixMatch)
+# I/O
+data_dir = "data/celeba"  # a data.py output folder
+out_dir = "runs/mixmatch"  # the run's folder; with table=true, the folder of every run and of ssl_table.md
+resume = False  # continue from out_dir/last.safetensors if it exists
+select = "accuracy"  # the val metric that picks best.safetensors (evaluate.SELECT); all but accuracy need groups
 seed = 0  # model init, augmentation, mixup, batch order and the choice of the labelled subset
 n_labeled = 250  # labelled train images, balanced per class; the rest of the train split is unlabelled
 mode = "mixmatch"  # mixmatch | supervised | full
 # model
 arch = "vit"  # vit (model.py's ViT) | wrn50_2 (torchvision Wide-ResNet-50-2) | small (from-scratch CNN for CPU runs)
 pretrained = True  # vit: DINO weights from vit_src; wrn50_2: torchvision's ImageNet weights; small: ignored
-vit_src = "facebook/dino-vits8"  # Hub id or local file for load_pretrained; pretrained=False builds vit_preset
-vit_preset = "vit_small_patch8"  # model.PRESETS name used when pretrained=False
+vit_src = "facebook/dino-vits8"  # Hub id or local file for load_pretrained; pretrained=false builds vit_preset
+vit_preset = "vit_small_patch8"  # model.PRESETS name used when pretrained=false
 small_width = 16  # channels of the small CNN's first stage (doubles per stage)
 img_size = 224  # model input: images are augmented at native size and resized to this on the device
-augment = "weak"  # weak: flip + random crop, the reference's MixMatch augmentation | full: data.augment's whole list
+augment = "weak"  # a data.AUGMENTS list: weak (crop + flip, the reference's kind) | full (the original's) | none
+augment_kw = ""  # overrides of data.augment's parameters, e.g. "crop_scale=(0.64,1.0)"
 # MixMatch
 K = 2  # augmentations of each unlabelled image
 T = 0.5  # sharpening temperature
 alpha = 0.75  # Beta(alpha, alpha) for mixup
-mixup = True  # False: the no-mixup variant (targets and inputs used as they are)
-lambda_u = 75.0  # weight of the unlabelled L2 loss (averaged over classes: with 2 classes try less, mixmatch.md §5)
+mixup = True  # false: the no-mixup variant (targets and inputs used as they are)
+lambda_u = 75.0  # weight of the unlabelled L2 loss; a mean over classes, so 2 classes weigh it 5x CIFAR-10's 10
 rampup = 0.25  # lambda_u ramps linearly from 0 over this fraction of `steps`
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + t) / (10 + t))
 # optimisation
 opt = "adam"  # adam | sing
 lr = 1e-4  # Adam 2e-3 is the reference's from-scratch value; a pretrained backbone wants less
 weight_decay = 0.02  # decoupled: w <- w * (1 - weight_decay * lr) after each step, conv/linear weights only
-batch_size = 64  # labelled images per step (and as many unlabelled, times K)
-steps = 4096  # optimizer steps
+batch_size = 64  # labelled images per step (and as many unlabelled, times K); global: split evenly over DDP ranks
+steps = 4096  # optimizer steps (the ramp-up's horizon)
+stop_after = 0  # stop after this many steps (0 = all): a short run that resume=true continues exactly
 eval_every = 256  # steps between validation passes
-eval_batch_size = 256
+eval_batch_size = 256  # validation / test batch (per rank)
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "auto"  # auto = cuda if available, else cpu
 amp = True  # bf16 autocast on CUDA (CPU runs stay fp32)
-table = False  # run supervised / mixmatch / full over table_seeds seeds on the same data -> runs/ssl_table.md
-table_seeds = 3
-config = ""  # a preset name from PRESETS, applied before the other --key=value overrides
+table = False  # run the TABLE rows over table_seeds seeds on the same data -> out_dir/ssl_table.md
+table_seeds = 3  # seeds 0 .. table_seeds-1
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+CHOICES = {"mode": ("mixmatch", "supervised", "full"), "arch": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
+           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "vit_preset": tuple(model.PRESETS)}
 PRESETS = {
-    # small CNN from scratch on the synthetic set, CPU: the acceptance table in the README. lambda_u: the L2 term is
-    # a mean over classes, so 2 classes weigh it 5x more than CIFAR-10 does; 75 / 5 = 15, and at 25 a 1000-step
-    # run (ramp 400 steps, not the reference's 16k) collapsed to the majority class on seed 1. 8 is measured.
+    # small CNN from scratch on the synthetic set, CPU: the README's table. lambda_u: the L2 term is a mean over
+    # classes, so 2 classes weigh it 5x more than CIFAR-10 does; 75 / 5 = 15, and at 25 a 1000-step run (ramp 400
+    # steps, not the reference's 16k) collapsed to the majority class on seed 1. 8 is measured. The crop keeps at
+    # least 64% of the area (80% of the side), close to the reference's 4-pixel pad-and-crop on 32x32 images.
     "cpu_small": dict(arch="small", pretrained=False, img_size=40, lr=2e-3, batch_size=64, steps=1000, eval_every=100,
-                      lambda_u=8.0, rampup=0.4, ema_decay=0.99, device="cpu"),
+                      lambda_u=8.0, rampup=0.4, ema_decay=0.99, device="cpu", augment_kw="crop_scale=(0.64,1.0)"),
     # the original gender / mask experiments' backbone, ImageNet weights
     "wrn50_2": dict(arch="wrn50_2", img_size=224, lr=1e-4, batch_size=32),
 }
-AUGMENTS = {  # data.augment keyword arguments
-    "weak": dict(crop_scale=(0.64, 1.0), rotate_p=0.0, erase_p=0.0, color_p=0.0, blur_p=0.0),
-    "full": {},  # the original list (train_vit.py's): crop, flip, rotation, erasing, colour, blur
-}
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-# -----------------------------------------------------------------------------
-
-
-def parse_args(argv, defaults):
-    """--key=value overrides of the config block (types follow the defaults), --config=NAME presets first."""
-    cfg = dict(defaults)
-    pairs = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nconfig (--key=value):\n" + "\n".join(f"  --{k}={v!r}" for k, v in defaults.items())
-                  + f"\npresets (--config=NAME): {', '.join(PRESETS)}")
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in cfg:
-            sys.exit(f"error: unknown argument {arg!r} (expected --key=value with key one of: {', '.join(cfg)})")
-        pairs.append((key, value))
-    for key, value in sorted(pairs, key=lambda kv: kv[0] != "config"):  # the preset first, explicit values win
-        if key == "config":
-            if value not in PRESETS:
-                sys.exit(f"error: unknown --config={value} (presets: {', '.join(PRESETS)})")
-            cfg.update(PRESETS[value])
-        cfg[key] = cast(key, value, type(defaults[key]))
-    if cfg["mode"] not in ("mixmatch", "supervised", "full"):
-        sys.exit(f"error: mode must be mixmatch, supervised or full, not {cfg['mode']!r}")
-    if cfg["arch"] not in ("vit", "wrn50_2", "small"):
-        sys.exit(f"error: arch must be vit, wrn50_2 or small, not {cfg['arch']!r}")
-    if cfg["augment"] not in AUGMENTS:
-        sys.exit(f"error: augment must be one of {', '.join(AUGMENTS)}, not {cfg['augment']!r}")
-    if cfg["opt"] not in ("adam", "sing"):
-        sys.exit(f"error: opt must be adam or sing, not {cfg['opt']!r}")
-    return cfg
-
-
-def cast(key, value, typ):
-    if typ is bool:
-        if value.lower() not in ("1", "0", "true", "false"):
-            sys.exit(f"error: --{key} takes true/false or 1/0, not {value!r}")
-        return value.lower() in ("1", "true")
-    try:
-        return typ(value)
-    except ValueError:
-        sys.exit(f"error: --{key}={value!r} is not a {typ.__name__}")
+AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(data.augment).parameters.items()
+                  if p.default is not inspect.Parameter.empty and k != "generator"}  # what augment_kw may override
+# the table's rows: (name, run folder tag, config overrides); "no mixup" is the paper's ablation
+TABLE = (("supervised", "supervised", dict(mode="supervised")),
+         ("mixmatch", "mixmatch", dict(mode="mixmatch", mixup=True)),
+         ("mixmatch (no mixup)", "mixmatch-nomixup", dict(mode="mixmatch", mixup=False)),
+         ("full", "full", dict(mode="full")))
 
 
 # ----------------------------------------------------------------------------- MixMatch, pure functions
@@ -146,19 +129,19 @@ def sharpen(p, T):
     return torch.softmax(p.log() / T, dim=1)
 
 
-def guess_labels(model, views, T):
+def guess_labels(net, views, T):
     """Average the softmax over the K augmented views of one unlabelled batch, then sharpen. No gradient; the
     views go through the model in one forward (same result as K forwards for a model without batch statistics)."""
-    with torch.no_grad(), frozen_bn_stats(model):
-        p = model(torch.cat(views)).float().softmax(1).view(len(views), len(views[0]), -1).mean(0)
+    with torch.no_grad(), frozen_bn_stats(net):
+        p = net(torch.cat(views)).float().softmax(1).view(len(views), len(views[0]), -1).mean(0)
     return sharpen(p, T)
 
 
 @contextmanager
-def frozen_bn_stats(model):
+def frozen_bn_stats(net):
     """Batch norm keeps using batch statistics (train mode) but its running statistics stay as they are: the guess
     pass must not move them (the reference keeps only the BN update of the training forward)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
@@ -194,20 +177,20 @@ def rampup_weight(step, length):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay, step):
-    """ema <- d * ema + (1 - d) * model for the parameters, d = min(decay, (1 + step) / (10 + step)) so that short
+def ema_update(ema, net, decay, step):
+    """ema <- d * ema + (1 - d) * net for the parameters, d = min(decay, (1 + step) / (10 + step)) so that short
     runs are not dominated by the random init; buffers (BN running statistics) are copied from the model, since the
     EMA model never sees data itself."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), net.parameters()):
         e.lerp_(p.detach(), 1 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
+    for e, b in zip(ema.buffers(), net.buffers()):
         e.copy_(b)
 
 
-def decayed_weights(model):
+def decayed_weights(net):
     """The conv / linear kernels: the reference decays these only (no biases, norms, position embeddings)."""
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def labeled_subset(labels, n_labeled, num_classes, seed):
@@ -224,150 +207,236 @@ def labeled_subset(labels, n_labeled, num_classes, seed):
     return torch.cat(picked).sort().values
 
 
-def batches(indices, batch_size, generator):
+class Batches:
     """Endless random batches of `indices`: reshuffled passes laid end to end, so a set smaller than a batch still
-    fills every batch and every sample is seen equally often."""
-    queue = indices[:0]
-    while True:
-        while len(queue) < batch_size:
-            queue = torch.cat([queue, indices[torch.randperm(len(indices), generator=generator)]])
-        yield queue[:batch_size]
-        queue = queue[batch_size:]
+    fills every batch and every sample is seen equally often. Its whole state is `generator` (shuffles) and `queue`
+    (drawn, not yet served), so a stream saved mid-pass continues exactly. Training reads its two streams directly
+    (no make_loader) because they are endless and share one generator."""
+
+    def __init__(self, indices, batch_size, generator, queue=None):
+        self.indices, self.batch_size, self.generator = indices, batch_size, generator
+        self.queue = indices[:0] if queue is None else queue
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self.queue) < self.batch_size:
+            order = torch.randperm(len(self.indices), generator=self.generator)
+            self.queue = torch.cat([self.queue, self.indices[order]])
+        batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size:]
+        return batch
 
 
 # ----------------------------------------------------------------------------- one run
 
-def build_model(cfg, num_classes):
-    if cfg["arch"] == "small":
-        return M.SmallCNN(img_size=cfg["img_size"], num_classes=num_classes, width=cfg["small_width"])
-    if cfg["arch"] == "wrn50_2":
-        return M.WideResNet50(img_size=cfg["img_size"], num_classes=num_classes, pretrained=cfg["pretrained"])
-    if cfg["pretrained"]:
-        return M.load_pretrained(cfg["vit_src"], img_size=cfg["img_size"], num_classes=num_classes)
-    return M.ViT(dataclasses.replace(M.PRESETS[cfg["vit_preset"]], img_size=cfg["img_size"], num_classes=num_classes))
+def build_model(c, num_classes):
+    if c.arch == "small":
+        return model.SmallCNN(img_size=c.img_size, num_classes=num_classes, width=c.small_width)
+    if c.arch == "wrn50_2":
+        return model.WideResNet50(img_size=c.img_size, num_classes=num_classes, pretrained=c.pretrained)
+    if c.pretrained:
+        return model.load_pretrained(c.vit_src, img_size=c.img_size, num_classes=num_classes)
+    return model.ViT(dataclasses.replace(model.PRESETS[c.vit_preset], img_size=c.img_size, num_classes=num_classes))
 
 
-def evaluate(model, loader, img_size, fair, group_names):
-    """evaluate.py's metrics; per-group accuracy and the fair score only when the data has both groups."""
-    scores, labels, groups = E.predict(model, loader, img_size)
-    return E.compute_metrics(scores, labels, groups, fair=fair, group_names=group_names, n_boot=0)
+def gather(obj, world):
+    """Every rank's `obj` (CPU tensors, dicts of them), in rank order: [obj] in a single process."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def selection_score(metrics):
-    """What picks best.safetensors: the fair score where the data has two groups, else accuracy."""
-    return metrics.get("fair_score", metrics["accuracy"])
+def split_metrics(net, loader, img_size, group_names, world):
+    """evaluate.py's metrics over the whole split (each rank predicts its shard); per-group accuracy and the fair
+    score only where the split has both groups."""
+    scores, labels, groups = (torch.cat(parts) for parts in zip(*gather(evaluate.predict(net, loader, img_size),
+                                                                          world)))
+    return evaluate.compute_metrics(scores, labels, groups, fair=evaluate.has_both_groups(groups),
+                                    group_names=group_names, n_boot=0)
 
 
 def train(cfg):
-    """One run into cfg['out_dir']; returns the test metrics of the best (EMA) checkpoint."""
-    torch.manual_seed(cfg["seed"])
-    dev = torch.device(cfg["device"])
-    meta = D.read_meta(cfg["data"])
-    num_classes, group_names = len(meta["classes"]), meta.get("groups") or E.GROUP_NAMES
-    train_x, train_y, train_g = D.load_split(cfg["data"], "train")
-    fair = sorted(train_g.unique().tolist()) == [0, 1]
-    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    """One run into cfg['out_dir']; returns the test metrics of the best (EMA) checkpoint, or None when stop_after
+    ended the run early."""
+    c = SimpleNamespace(**cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    master = rank == 0
+    dev = configurator.pick_device(c.device)
+    if c.batch_size % world:
+        sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
+    b = c.batch_size // world  # this rank's labelled rows (and unlabelled ones, times K)
+    aug_kw = data.AUGMENTS[c.augment]
+    aug_kw = None if aug_kw is None else {**aug_kw, **configurator.parse_kw("augment_kw", c.augment_kw, AUGMENT_PARAMS)}
+    try:
+        meta = data.read_meta(c.data_dir)
+        _, val_groups = data.load_labels(c.data_dir, "val")
+        train_x, train_y, _ = data.load_split(c.data_dir, "train")
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    if c.select != "accuracy" and not evaluate.has_both_groups(val_groups):
+        sys.exit(f"error: select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    num_classes, group_names = len(meta["classes"]), meta.get("groups") or evaluate.GROUP_NAMES
     everything = torch.arange(len(train_y))
     try:
-        lab = everything if cfg["mode"] == "full" else labeled_subset(train_y.cpu(), cfg["n_labeled"], num_classes,
-                                                                      cfg["seed"])
+        lab = everything if c.mode == "full" else labeled_subset(train_y, c.n_labeled, num_classes, c.seed)
     except ValueError as e:
-        sys.exit(f"error: --n_labeled={cfg['n_labeled']}: {e}")
+        sys.exit(f"error: --n_labeled={c.n_labeled}: {e}")
     unlab = everything[~torch.isin(everything, lab)]
-    if cfg["mode"] == "mixmatch" and len(unlab) == 0:
+    if c.mode == "mixmatch" and len(unlab) == 0:
         sys.exit("error: n_labeled covers the whole train split: nothing left unlabelled for MixMatch")
-    val_loader = D.make_loader(cfg["data"], "val", cfg["eval_batch_size"], train=False, device=dev)
+    train_x, train_y = train_x.to(dev), train_y.to(dev)
+    loader_kw = dict(train=False, device=dev, rank=rank, world_size=world)
+    val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, **loader_kw)
 
+    torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:
-        model = build_model(cfg, num_classes).to(dev)
+        net = build_model(c, num_classes).to(dev)
     except (OSError, RuntimeError, ValueError) as e:  # weights offline, missing or misshaped: model.py words it
         sys.exit(f"error: {e}")
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if cfg["opt"] == "sing":
-        optimizer = sing.SING(model.parameters(), lr=cfg["lr"])  # decay is decoupled below, for both optimizers
+    if rank:  # mixup draws: rank 0 goes on with the single-process stream, every other rank gets its own
+        torch.manual_seed(c.seed + 1_000_003 * rank)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    if c.opt == "sing":
+        optimizer = sing.SING(net.parameters(), lr=c.lr)  # decay is decoupled below, for both optimizers
     else:
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    decayed = decayed_weights(model)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cfg["amp"] and dev.type == "cuda" else nullcontext()
+        optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
+    decayed = decayed_weights(net)
+    autocast = torch.autocast("cuda", torch.bfloat16) if c.amp and dev.type == "cuda" else nullcontext()
+    gen_idx = torch.Generator().manual_seed(c.seed)  # batch order (CPU), the same global order on every rank
+    gen_aug = torch.Generator(dev).manual_seed(c.seed + 1_000_003 * rank)  # augmentation draws, one stream per rank
+    lab_batches, unlab_batches = Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx)
 
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    open(log_path, "w").close()
-    gen_idx = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
-    gen_aug = torch.Generator(dev).manual_seed(cfg["seed"])  # augmentation draws, on the batch's device
-    lab_batches = batches(lab, cfg["batch_size"], gen_idx)
-    unlab_batches = batches(unlab, cfg["batch_size"], gen_idx)
-    ramp_steps = cfg["rampup"] * cfg["steps"]
-    size, B = cfg["img_size"], cfg["batch_size"]
-    augment = lambda x: D.augment(x, size, generator=gen_aug, **AUGMENTS[cfg["augment"]])
-    ckpt_meta = {"config": cfg, "data": D.summary(cfg["data"], meta),
-                 "n_labeled": len(lab), "labeled_indices": lab.tolist() if cfg["mode"] != "full" else None}
-    history, best, best_step, losses = [], -math.inf, 0, []
-    bar = tqdm(range(1, cfg["steps"] + 1), desc=f"{cfg['mode']} s{cfg['seed']}", dynamic_ncols=True)
+    start, best, best_step, history, losses = 0, -math.inf, 0, [], []
+    last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
+    if c.resume and os.path.exists(last_path):
+        saved, _, state = model.load_checkpoint(last_path, device=dev)
+        ema.load_state_dict(saved.state_dict())
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng, r = state["rng"], rank % len(state["rng"]["torch"])
+        torch.set_rng_state(rng["torch"][r])
+        gen_aug.set_state(rng["augment"][r])
+        if dev.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"][r], dev)
+        gen_idx.set_state(state["batch_order"])
+        lab_batches.queue, unlab_batches.queue = state["queues"]
+        start, best, best_step, history, losses = (state[k] for k in ("step", "best", "best_step", "history",
+                                                                        "losses"))
+        if master:
+            print(f"resuming {last_path} after step {start}")
+    elif c.resume and master:
+        print(f"resume=true but no {last_path} yet: starting from scratch")
+    forward = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None) \
+        if world > 1 else net
+
+    ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta),
+                 "n_labeled": len(lab), "labeled_indices": lab.tolist() if c.mode != "full" else None}
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+
+    def save_last(step):  # a collective (the RNG states of every rank): all ranks call it
+        s = {"torch": torch.get_rng_state(), "augment": gen_aug.get_state()}
+        if dev.type == "cuda":
+            s["cuda"] = torch.cuda.get_rng_state(dev)
+        ranks = gather(s, world)
+        if master:
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "rng": {k: [o[k] for o in ranks] for k in s}, "batch_order": gen_idx.get_state(),
+                     "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
+                     "history": history, "losses": losses}
+            model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
+                                                   else None}, state=state)
+            write_log(history, c.out_dir)
+
+    ramp_steps, size, mine = c.rampup * c.steps, c.img_size, slice(rank * b, (rank + 1) * b)
+    augment = (lambda x: data.prepare(x, size)) if aug_kw is None else \
+        (lambda x: data.augment(x, size, generator=gen_aug, **aug_kw))
+    end = min(c.steps, c.stop_after) if c.stop_after else c.steps
+    bar = tqdm(range(start + 1, end + 1), desc=f"{c.mode} s{c.seed}", dynamic_ncols=True, disable=not master)
     t0, seen = time.time(), 0
     for step in bar:
-        model.train()
-        idx = next(lab_batches).to(dev)
+        net.train()
+        idx = next(lab_batches)[mine].to(dev)
         xl = augment(train_x[idx])
         pl = F.one_hot(train_y[idx], num_classes).float()
         with autocast:
-            if cfg["mode"] == "mixmatch":
-                xu = train_x[next(unlab_batches).to(dev)]
-                views = [augment(xu) for _ in range(cfg["K"])]
-                q = guess_labels(model, views, cfg["T"])
-                x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * cfg["K"])
-                if cfg["mixup"]:
-                    x, p = mix(x, p, cfg["alpha"])
-                logits = model(x)  # one forward over all rows: BN statistics see labelled and unlabelled together
-                loss_x, loss_u = soft_cross_entropy(logits[:B], p[:B]), l2_loss(logits[B:], p[B:])
-                w_u = cfg["lambda_u"] * rampup_weight(step, ramp_steps)
+            if c.mode == "mixmatch":
+                xu = train_x[next(unlab_batches)[mine].to(dev)]
+                views = [augment(xu) for _ in range(c.K)]
+                q = guess_labels(net, views, c.T)
+                x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
+                if c.mixup:
+                    x, p = mix(x, p, c.alpha)
+                logits = forward(x)  # one forward over all rows: BN statistics see labelled and unlabelled together
+                loss_x, loss_u = soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
+                w_u = c.lambda_u * rampup_weight(step, ramp_steps)
                 loss = loss_x + w_u * loss_u
-                seen += B * (1 + cfg["K"])
             else:
-                loss = loss_x = soft_cross_entropy(model(xl), pl)
-                loss_u, w_u = torch.zeros(()), 0.0
-                seen += B
-        if not torch.isfinite(loss):
-            sys.exit(f"error: non-finite loss at step {step}; {cfg['out_dir']}/best.safetensors is the last good one")
+                loss = loss_x = soft_cross_entropy(forward(xl), pl)
+                loss_u, w_u = torch.zeros((), device=dev), 0.0
+        pair = torch.stack([loss_x.detach(), loss_u.detach()])
+        if world > 1:
+            dist.all_reduce(pair)
+            pair /= world
+        lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
+        if not (math.isfinite(lx) and math.isfinite(lu)):
+            sys.exit(f"error: non-finite loss at step {step}; {last_path} holds the last saved state")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients: the global batch's mean loss
         optimizer.step()
-        ema_update(ema, model, cfg["ema_decay"], step)
+        ema_update(ema, net, c.ema_decay, step)
         with torch.no_grad():
-            torch._foreach_mul_(decayed, 1 - cfg["weight_decay"] * cfg["lr"])
-        losses.append((loss_x.item(), loss_u.item()))  # one host sync per step for both
-        bar.set_postfix(lx=f"{losses[-1][0]:.3f}", lu=f"{losses[-1][1]:.4f}", w_u=f"{w_u:.1f}",
-                        img_s=f"{seen / (time.time() - t0):.0f}")
+            torch._foreach_mul_(decayed, 1 - c.weight_decay * c.lr)
+        losses.append([lx, lu])
+        seen += c.batch_size * (1 + c.K * (c.mode == "mixmatch"))
+        bar.set_postfix(lx=f"{lx:.3f}", lu=f"{lu:.4f}", w_u=f"{w_u:.1f}", img_s=f"{seen / (time.time() - t0):.0f}")
 
-        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
-            m_ema, m_raw = (evaluate(m, val_loader, size, fair, group_names) for m in (ema, model))
+        evaluating = step % c.eval_every == 0 or step == c.steps
+        if evaluating:
+            m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world) for m in (ema, net))
             lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
             losses = []
-            row = {"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
-                   "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score") if k in m_raw}}
-            history.append(row)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tqdm.write(f"step {step}: val acc {m_ema['accuracy']:.4f} (raw {m_raw['accuracy']:.4f})"
-                       f" f1 {m_ema['f1']:.4f}" + (f" fair {m_ema['fair_score']:.4f}" if fair else ""))
-            if selection_score(m_ema) > best:
-                best, best_step = selection_score(m_ema), step
-                M.save_checkpoint(os.path.join(cfg["out_dir"], "best.safetensors"), ema,
-                                  {**ckpt_meta, "step": step, "metrics": m_ema})
-            M.save_checkpoint(os.path.join(cfg["out_dir"], "last.safetensors"), ema,
-                              {**ckpt_meta, "step": step, "metrics": m_ema},
-                              state={"raw_model": model.state_dict(), "step": step})
-            plot(history, os.path.join(cfg["out_dir"], "curves.png"))
+            history.append({"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
+                            "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score")
+                                    if k in m_raw}})
+            score = evaluate.selection_score(m_ema, c.select)
+            improved = score > best
+            if improved:
+                best, best_step = score, step
+            if master:
+                fair = f" fair {m_ema['fair_score']:.4f}" if "fair_score" in m_ema else ""
+                tqdm.write(f"step {step}: val acc {m_ema['accuracy']:.4f} (raw {m_raw['accuracy']:.4f}) "
+                           f"f1 {m_ema['f1']:.4f}{fair}{' *' if improved else ''}")
+                if improved:
+                    model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": m_ema})
+                plot(history, os.path.join(c.out_dir, "curves.png"))
+        if evaluating or step == end:
+            save_last(step)
     bar.close()
+    if end < c.steps:
+        if master:
+            print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
+        return None
 
-    best_model, _, _ = M.load_checkpoint(os.path.join(cfg["out_dir"], "best.safetensors"), device=dev)
-    test_loader = D.make_loader(cfg["data"], "test", cfg["eval_batch_size"], train=False, device=dev)
-    test = evaluate(best_model, test_loader, size, fair, group_names)
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"test": test, "best_step": best_step}) + "\n")
-    print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
-          + (f" fair {test['fair_score']:.4f}" if fair else "") + f" -> {cfg['out_dir']}")
+    if world > 1:
+        dist.barrier()  # rank 0 wrote best.safetensors
+    best_model, _, _ = model.load_checkpoint(best_path, device=dev)
+    test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, **loader_kw)
+    test = split_metrics(best_model, test_loader, size, group_names, world)
+    if master:
+        write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
+        print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
+              + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
     return test
+
+
+def write_log(rows, out_dir):
+    """log.jsonl rewritten whole from the rows, atomically: a resumed run's log is the uninterrupted run's."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    model.write_atomic(os.path.join(out_dir, "log.jsonl"), lambda tmp: Path(tmp).write_text(text))
 
 
 def plot(history, path):
@@ -390,41 +459,66 @@ def plot(history, path):
     b.set(xlabel="step", title="validation")
     b.legend()
     fig.tight_layout()
-    E.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the table
 
 def run_table(cfg):
-    """supervised / mixmatch / full on the same data, seeds 0..table_seeds-1 (each seed its own labelled subset,
-    shared by the three modes) -> runs/ssl_table.md with test mean +- std."""
-    name = os.path.basename(os.path.normpath(cfg["data"]))
-    modes = ("supervised", "mixmatch", "full")
-    results = {m: [] for m in modes}
+    """The TABLE rows on the same data, seeds 0..table_seeds-1 (each seed its own labelled subset, shared by the
+    rows), each run in out_dir/<data>_<n_labeled>_<row>_s<seed> -> out_dir/ssl_table.md with test mean +- std."""
+    name = os.path.basename(os.path.normpath(cfg["data_dir"]))
+    results = {row: [] for row, _, _ in TABLE}
     for s in range(cfg["table_seeds"]):
-        for m in modes:
-            out = os.path.join("runs", "ssl_table", f"{name}_{cfg['n_labeled']}_{m}_s{s}")
-            results[m].append(train({**cfg, "mode": m, "seed": s, "out_dir": out, "table": False}))
+        for row, tag, overrides in TABLE:
+            out = os.path.join(cfg["out_dir"], f"{name}_{cfg['n_labeled']}_{tag}_s{s}")
+            results[row].append(train({**cfg, **overrides, "seed": s, "out_dir": out, "table": False}))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     keys = [k for k in ("accuracy", "f1", "fair_score") if k in results["full"][0]]
+    command = " ".join(f"--{k}={v}" for k, v in cfg.items() if v != DEFAULTS[k])
     lines = [f"Test metrics of the best-validation EMA checkpoint, mean ± std over seeds "
-             f"{', '.join(map(str, range(cfg['table_seeds'])))}; data `{cfg['data']}`, {cfg['n_labeled']} labels "
+             f"{', '.join(map(str, range(cfg['table_seeds'])))}; data `{cfg['data_dir']}`, {cfg['n_labeled']} labels "
              f"(full: every train label), arch `{cfg['arch']}`, {cfg['steps']} steps.",
-             "", f"Command: `python train_mixmatch.py {' '.join(sys.argv[1:])}`", "",
+             "", f"Command: `python train_mixmatch.py {command}`", "",
              "| mode | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for m in modes:
+    for row, _, _ in TABLE:
         cells = []
         for k in keys:
-            v = torch.tensor([r[k] for r in results[m]], dtype=torch.float64)
+            v = torch.tensor([r[k] for r in results[row]], dtype=torch.float64)
             cells.append(f"{v.mean():.4f} ± {v.std(correction=int(len(v) > 1)):.4f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    E.write_atomic(os.path.join("runs", "ssl_table.md"), lambda tmp: Path(tmp).write_text(text))
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    model.write_atomic(os.path.join(cfg["out_dir"], "ssl_table.md"), lambda tmp: Path(tmp).write_text(text))
     print(text)
 
 
+def parse_config(argv):
+    """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
+    cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)  # checked now, not at the first batch
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        cuda = torch.cuda.is_available() and cfg["device"] != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        if cfg["table"]:
+            run_table(cfg)
+        else:
+            train(cfg)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    cfg = parse_args(sys.argv[1:], {k: globals()[k] for k in config_keys})
-    if not os.path.isfile(os.path.join(cfg["data"], "meta.json")):
-        sys.exit(f"error: {cfg['data']} is not a data.py output folder (no meta.json); build one with data.py")
-    run_table(cfg) if cfg["table"] else train(cfg)
+    main()

@@ -1,22 +1,48 @@
-"""MixMatch pieces (sharpen, label guessing, mixup, losses, ramp-up, EMA, labelled subset), the CNN backbones
-model.py registers for it, and a tiny end-to-end run whose checkpoint evaluate.py scores."""
+"""train_mixmatch.py: the MixMatch pieces (sharpen, label guessing, mixup, losses, ramp-up, EMA, labelled subset,
+batch streams), its config, the CNN backbones model.py registers for it, and tiny CPU runs (checkpoints evaluate.py
+scores, exact resume, the table's layout, DDP)."""
+
 import json
+import os
 import subprocess
 import sys
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import configurator
+import data
 import evaluate
 import model
 import train_mixmatch as tm
 
-REPO = Path(__file__).resolve().parents[1]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config=cpu_small", "--n_labeled=20", "--steps=6", "--eval_every=3", "--batch_size=16", "--small_width=8",
+         "--img_size=32"]
 
+
+def run(data_dir, out_dir, *args):
+    tm.main([*SMALL, f"--data={data_dir}", f"--out_dir={out_dir}", *args])
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def error_of(argv):
+    with pytest.raises(SystemExit) as e:
+        tm.main(argv)
+    return str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- MixMatch pieces
 
 def test_sharpen_temperature_limits_and_normalisation():
     p = torch.softmax(torch.randn(8, 5), 1)
@@ -75,9 +101,10 @@ def test_guess_pass_leaves_batchnorm_running_stats_alone():
 def test_losses():
     logits, y = torch.randn(8, 3), torch.randint(0, 3, (8,))
     assert torch.allclose(tm.soft_cross_entropy(logits, F.one_hot(y, 3).float()), F.cross_entropy(logits, y))
-    assert tm.l2_loss(logits, logits.softmax(1)).item() == pytest.approx(0.0, abs=1e-7)
-    target = F.one_hot(y, 3).float()
-    assert tm.l2_loss(logits, target).item() == pytest.approx(((logits.softmax(1) - target) ** 2).mean().item())
+    assert tm.l2_loss(logits, logits.softmax(1)).item() == pytest.approx(0.0, abs=1e-7)  # zero at target = softmax
+    # bounded by 2 / num_classes (a one-hot target, all mass on another class), reached at saturated logits
+    worst = tm.l2_loss(torch.tensor([[0.0, 0.0, 100.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert worst.item() == pytest.approx(2 / 3)
 
 
 def test_rampup_is_linear_then_flat():
@@ -115,36 +142,95 @@ def test_labeled_subset_is_balanced_and_reproducible():
     assert torch.equal(a, tm.labeled_subset(labels, 30, 3, seed=0))
     assert not torch.equal(a, tm.labeled_subset(labels, 30, 3, seed=1))
     assert torch.bincount(labels[tm.labeled_subset(labels, 31, 3, seed=0)], minlength=3).tolist() == [11, 10, 10]
-    with pytest.raises(ValueError, match="class 2"):
+    with pytest.raises(ValueError, match="class 2 has 50 train images, fewer than the 60"):
         tm.labeled_subset(labels, 180, 3, seed=0)
 
 
 def test_batches_fill_from_a_set_smaller_than_a_batch():
-    it = tm.batches(torch.arange(10, 15), 8, torch.Generator().manual_seed(0))
+    it = tm.Batches(torch.arange(10, 15), 8, torch.Generator().manual_seed(0))
     seq = torch.cat([next(it) for _ in range(5)])  # 40 draws = 8 full passes over the 5 indices
     assert len(seq) == 40 and torch.bincount(seq - 10).tolist() == [8] * 5
     assert sorted(seq[:5].tolist()) == list(range(10, 15))  # each pass is a permutation
 
 
-def test_parse_args_preset_then_overrides():
-    defaults = {k: getattr(tm, k) for k in tm.config_keys}
-    cfg = tm.parse_args(["--lr=0.5", "--config=cpu_small", "--mixup=false"], defaults)
+def test_batches_continue_exactly_from_generator_state_and_queue():
+    gen = torch.Generator().manual_seed(0)
+    it = tm.Batches(torch.arange(7), 3, gen)
+    for _ in range(4):  # 12 drawn from two passes of 7: the queue holds 2 of the second pass
+        next(it)
+    saved = gen.get_state(), it.queue.clone()
+    ahead = [next(it) for _ in range(5)]
+    again = tm.Batches(torch.arange(7), 3, torch.Generator().set_state(saved[0]), saved[1])
+    assert len(saved[1]) == 2 and all(torch.equal(a, next(again)) for a in ahead)
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_preset_then_overrides():
+    cfg = tm.parse_config(["--lr=0.5", "--config=cpu_small", "--mixup=false", "--data=d", "--resume"])
     assert cfg["arch"] == "small" and cfg["lr"] == 0.5 and cfg["mixup"] is False  # explicit value beats the preset
-    for bad in (["--nope=1"], ["--steps=ten"], ["--mode=semi"], ["--config=nope"]):
-        with pytest.raises(SystemExit):
-            tm.parse_args(bad, defaults)
+    assert cfg["data_dir"] == "d" and cfg["resume"] is True
+    default = tm.parse_config([])
+    assert default["select"] == "accuracy" and default["device"] == "auto" and default["augment"] == "weak"
+    # cpu_small's augmentation is the list its README numbers were measured with: crop (64-100% area) + flip
+    kw = {**data.AUGMENTS[cfg["augment"]], **configurator.parse_kw("augment_kw", cfg["augment_kw"], tm.AUGMENT_PARAMS)}
+    assert kw == dict(crop_scale=(0.64, 1.0), rotate_p=0.0, erase_p=0.0, color_p=0.0, blur_p=0.0)
 
 
-def test_small_and_wrn_archs_round_trip_through_the_registry(tmp_path):
-    net = model.SmallCNN(img_size=40, num_classes=3, width=8)
-    assert net(torch.randn(2, 3, 40, 40)).shape == (2, 3)
-    model.save_checkpoint(tmp_path / "s.safetensors", net, {"note": "x"})
-    back, meta, _ = model.load_checkpoint(tmp_path / "s.safetensors")
-    assert back.arch == "small" and back.config_dict() == {"img_size": 40, "num_classes": 3, "width": 8}
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), back.state_dict().values()))
-    wrn = model.ARCHS["wrn50_2"]({"img_size": 32, "num_classes": 5})
-    assert wrn.arch == "wrn50_2" and wrn.config_dict() == {"img_size": 32, "num_classes": 5}
-    assert wrn.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+@pytest.mark.parametrize("arg, message", [
+    ("--nope=1", "error: unknown key --nope (see --help)"),
+    ("--steps=ten", "error: --steps=ten is not an int (default 4096)"),
+    ("--mode=semi", "error: --mode=semi is not one of: mixmatch, supervised, full"),
+    ("--arch=resnet", "error: --arch=resnet is not one of: vit, wrn50_2, small"),
+    ("--select=best", "error: --select=best is not one of: " + ", ".join(evaluate.SELECT)),
+    ("--config=nope", "error: unknown preset --config=nope (presets: cpu_small, wrn50_2)"),
+    ("--augment_kw=blur_kernel=3.5", "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"),
+])
+def test_config_errors_name_the_problem(arg, message):
+    assert error_of([arg]) == message
+
+
+def test_data_errors_are_one_line_before_training(tiny_data, tmp_path):
+    assert error_of(["--data=/nonexistent"]).startswith("error: /nonexistent is not a data.py output (no meta.json)")
+    message = error_of([f"--data={tiny_data}", "--n_labeled=100000"])
+    assert message.startswith("error: --n_labeled=100000: class 0 has ") and message.endswith(
+        "train images, fewer than the 50000 labelled ones asked")
+    assert error_of([f"--data={tiny_data}", "--n_labeled=20", "--device=cpu", f"--out_dir={tmp_path}",
+                     "--vit_src=/nonexistent/model.safetensors"]) == \
+        "error: /nonexistent/model.safetensors: no such file or folder"
+    assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_select_fair_needs_both_groups_in_val(tmp_path_factory, tmp_path):
+    gender = str(tmp_path_factory.mktemp("data") / "gender")  # MixMatch's usual task: no group labels at all
+    data.main(["synthetic", "--n=120", "--size=32", "--target=Male", "--group=none", f"--out_dir={gender}"])
+    assert error_of([f"--data={gender}", "--select=fair"]) == \
+        f"error: select=fair needs both groups in the val split of {gender}; use --select=accuracy"
+    run(gender, tmp_path, "--steps=2", "--eval_every=2", "--n_labeled=10")  # select=accuracy: trains, no fair score
+    log = read_log(tmp_path)
+    assert [r.get("step") for r in log] == [2, None]
+    assert "fair_score" not in log[0] and "fair_score" not in log[1]["test"]
+
+
+def test_small_and_wrn_archs_round_trip_through_the_registry(tmp_path, monkeypatch):
+    """save_checkpoint -> load_checkpoint rebuilds each arch from its metadata and gives the same outputs. The WRN's
+    torchvision body is swapped for resnet18 (the same wrapper code: fc head, arch name, config_dict), which saves
+    writing and reading 270 MB of Wide-ResNet-50-2 weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    small = model.SmallCNN(img_size=40, num_classes=3, width=8)
+    small.train()(torch.randn(8, 3, 40, 40) + 1)  # BN running statistics away from their init
+    monkeypatch.setattr(torchvision.models, "wide_resnet50_2", lambda weights: torchvision.models.resnet18())
+    wrn = model.WideResNet50(img_size=32, num_classes=5)
+    for net, config in ((small, {"img_size": 40, "num_classes": 3, "width": 8}),
+                        (wrn, {"img_size": 32, "num_classes": 5})):
+        path = tmp_path / f"{net.arch}.safetensors"
+        model.save_checkpoint(path, net, {"note": "x"})
+        back, meta, state = model.load_checkpoint(path)
+        assert type(back) is type(net) and back.config_dict() == config and meta == {"note": "x"} and state is None
+        x = torch.randn(2, 3, config["img_size"], config["img_size"])
+        assert torch.equal(back.eval()(x), net.eval()(x)) and back(x).shape == (2, config["num_classes"])
 
 
 def test_wrn_offline_gives_one_clear_line(monkeypatch):
@@ -158,34 +244,98 @@ def test_wrn_offline_gives_one_clear_line(monkeypatch):
         model.WideResNet50(pretrained=True)
 
 
+# ----------------------------------------------------------------------------- tiny runs
+
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ssl") / "syn"
-    subprocess.run([sys.executable, "data.py", "synthetic", "--n", "600", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True)
+def reference_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    run(tiny_data, out)
     return out
 
 
-def test_tiny_mixmatch_run_writes_a_checkpoint_evaluate_scores(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "train_mixmatch.py", "--config=cpu_small", f"--data={tiny_data}", f"--out_dir={run}",
-           "--n_labeled=20", "--steps=6", "--eval_every=3", "--batch_size=16", "--small_width=8", "--img_size=32"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows[:-1]] == [3, 6] and "raw" in rows[0] and "fair_score" in rows[0]
-    assert rows[-1]["test"]["n"] > 0
-    assert (run / "curves.png").stat().st_size > 0 and (run / "last.safetensors").exists()
-    net, meta, _ = model.load_checkpoint(run / "best.safetensors")
-    assert net.arch == "small" and meta["n_labeled"] == 20 and len(meta["labeled_indices"]) == 20
-    evaluate.main(["--ckpt", str(run / "best.safetensors"), "--data", str(tiny_data), "--out", str(tmp_path / "ev"),
-                   "--n_boot", "10", "--device", "cpu"])
-    report = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert report["accuracy"] == pytest.approx(rows[-1]["test"]["accuracy"])  # evaluate.py sees the same model
+def test_tiny_run_writes_checkpoints_evaluate_scores(tiny_data, reference_run, tmp_path):
+    log = read_log(reference_run)
+    assert [r.get("step") for r in log] == [3, 6, None] and "raw" in log[0] and "fair_score" in log[0]
+    best_step = log[-1]["best_step"]
+    best_row = next(r for r in log if r.get("step") == best_step)
+    assert best_row["accuracy"] == max(r["accuracy"] for r in log[:-1])  # select=accuracy
+    net, meta, state = model.load_checkpoint(reference_run / "best.safetensors")
+    assert net.arch == "small" and meta["n_labeled"] == 20 and len(meta["labeled_indices"]) == 20 and state is None
+    assert meta["step"] == best_step and meta["metrics"]["accuracy"] == best_row["accuracy"]
+    _, meta, state = model.load_checkpoint(reference_run / "last.safetensors")  # what resume=true reads
+    assert state["step"] == 6 and state["history"] == log[:-1] and state["losses"] == [] and state["optimizer"]["state"]
+    evaluate.main([f"--ckpt={reference_run / 'best.safetensors'}", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}",
+                   "--n_boot=10", "--device=cpu"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] == pytest.approx(log[-1]["test"]["accuracy"])  # evaluate.py sees the same model
+    assert not [f for f in os.listdir(reference_run) if f.endswith(".tmp")]
 
 
-def test_cli_errors_are_one_line(tiny_data):
-    for args in (["--data=/nonexistent"], [f"--data={tiny_data}", "--arch=resnet"],
-                 [f"--data={tiny_data}", "--n_labeled=20", "--vit_src=/nonexistent/model.safetensors"],
-                 [f"--data={tiny_data}", "--n_labeled=100000"]):
-        r = subprocess.run([sys.executable, "train_mixmatch.py", *args], cwd=REPO, capture_output=True, text=True)
-        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+def test_stop_and_resume_is_bit_identical(tiny_data, reference_run, tmp_path):
+    run(tiny_data, tmp_path, "--stop_after=4")  # the "kill": after step 4, between the validations at 3 and 6
+    _, _, state = model.load_checkpoint(tmp_path / "last.safetensors")
+    assert state["step"] == 4 and len(state["losses"]) == 1 and len(read_log(tmp_path)) == 1
+    run(tiny_data, tmp_path, "--resume")
+    assert (tmp_path / "log.jsonl").read_text() == (reference_run / "log.jsonl").read_text()
+    for name in ("best", "last"):  # the EMA model
+        a, b = (model.load_checkpoint(d / f"{name}.safetensors") for d in (tmp_path, reference_run))
+        assert same(a[0].state_dict(), b[0].state_dict())
+    (_, _, a), (_, _, b) = (model.load_checkpoint(d / "last.safetensors") for d in (tmp_path, reference_run))
+    assert same(a["model"], b["model"])  # the raw model
+    assert all(same(a["optimizer"]["state"][i], b["optimizer"]["state"][i]) for i in b["optimizer"]["state"])
+    assert all(torch.equal(x, y) for k in ("torch", "augment") for x, y in zip(a["rng"][k], b["rng"][k]))
+
+
+def test_non_finite_loss_stops_with_one_line(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(tm, "l2_loss", lambda *a: torch.tensor(float("nan")))
+    assert error_of([*SMALL, f"--data={tiny_data}", f"--out_dir={tmp_path}"]) == \
+        f"error: non-finite loss at step 1; {tmp_path}/last.safetensors holds the last saved state"
+
+
+def test_table_runs_every_row_and_seed_into_out_dir(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg)
+        return {"accuracy": 0.5 + 0.1 * cfg["seed"] + 0.2 * (not cfg["mixup"]), "f1": 0.5}
+
+    monkeypatch.setattr(tm, "train", fake_train)
+    tm.main(["--table", "--data=data/ssl", "--n_labeled=250", "--table_seeds=2", f"--out_dir={tmp_path}"])
+    runs = [(c["out_dir"], c["mode"], c["mixup"], c["seed"], c["table"]) for c in calls]
+    tags = [("supervised", "supervised", True), ("mixmatch", "mixmatch", True), ("mixmatch-nomixup", "mixmatch", False),
+            ("full", "full", True)]
+    assert runs == [(str(tmp_path / f"ssl_250_{tag}_s{s}"), mode, mixup, s, False) for s in (0, 1)
+                    for tag, mode, mixup in tags]
+    table = (tmp_path / "ssl_table.md").read_text().splitlines()
+    assert "Command: `python train_mixmatch.py --data_dir=data/ssl" in table[2] and "--table=True" in table[2]
+    rows = [line for line in table if line.startswith("| ") and "±" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| supervised", "| mixmatch", "| mixmatch (no mixup)", "| full"]
+    assert rows[2] == "| mixmatch (no mixup) | 0.7500 ± 0.0707 | 0.5000 ± 0.0000 |"  # seeds 0, 1: 0.7, 0.8
+
+
+def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
+    """Two gloo ranks with 8 + 8 rows against one process with the global batch of 16: the same weights within
+    float rounding. Without randomness that a rank draws for itself: augment=none (each rank has its own augmentation
+    stream) and mixup=false (partners come from the rank's own rows); a ViT, which has no batch norm (per-rank batch
+    statistics differ from the global batch's); SING, whose per-tensor normalisation keeps float-order differences
+    at rounding size (Adam's first steps divide each gradient entry by its own size, so near-zero entries that round
+    differently move by up to lr)."""
+    args = [f"--data={tiny_data}", "--arch=vit", "--pretrained=false", "--vit_preset=vit_tiny", "--img_size=32",
+            "--augment=none", "--mixup=false", "--opt=sing", "--lr=1e-3", "--n_labeled=20", "--steps=4",
+            "--eval_every=2", "--batch_size=16", "--device=cpu"]
+    tm.main([*args, f"--out_dir={tmp_path / 'one'}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_mixmatch.py"), *args, f"--out_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ema1, _, s1), (ema2, _, s2) = (model.load_checkpoint(tmp_path / d / "last.safetensors") for d in ("one", "two"))
+    for a, b in ((ema1.state_dict(), ema2.state_dict()), (s1["model"], s2["model"])):
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    assert len(s2["rng"]["torch"]) == 2  # each rank's RNG states, for resume
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["n"] for r in two[:-1]] == [40, 40]  # both ranks' validation shards, gathered
+    assert [r["accuracy"] for r in one[:-1]] == [r["accuracy"] for r in two[:-1]]
+    assert one[-1]["test"]["accuracy"] == two[-1]["test"]["accuracy"]
+    for key in ("loss_x", "loss_u"):
+        assert [r[key] for r in one[:-1]] == pytest.approx([r[key] for r in two[:-1]], rel=1e-5)
