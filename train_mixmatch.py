@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -81,7 +82,7 @@ K = 2  # augmentations of each unlabelled image
 T = 0.5  # sharpening temperature
 alpha = 0.75  # Beta(alpha, alpha) for mixup
 mixup = True  # false: the no-mixup variant (targets and inputs used as they are)
-lambda_u = 75.0  # weight of the unlabelled L2 loss; a mean over classes, so 2 classes weigh it 5x CIFAR-10's 10
+lambda_u = 75.0  # weight of the unlabelled L2 loss, a mean over classes: 2 classes weigh it 5x more than CIFAR-10
 rampup = 0.25  # lambda_u ramps linearly from 0 over this fraction of `steps`
 ema_decay = 0.999  # EMA of the weights, warmed up as min(ema_decay, (1 + t) / (10 + t))
 # optimisation
@@ -96,7 +97,7 @@ eval_batch_size = 256  # validation / test batch (per rank)
 # system
 device = "auto"  # auto = cuda if available, else cpu
 amp = True  # bf16 autocast on CUDA (CPU runs stay fp32)
-table = False  # run the TABLE rows over table_seeds seeds on the same data -> out_dir/ssl_table.md
+table = False  # supervised, mixmatch, mixmatch without mixup, full: table_seeds seeds -> out_dir/ssl_table.md
 table_seeds = 3  # seeds 0 .. table_seeds-1
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
@@ -477,7 +478,7 @@ def run_table(cfg):
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     keys = [k for k in ("accuracy", "f1", "fair_score") if k in results["full"][0]]
-    command = " ".join(f"--{k}={v}" for k, v in cfg.items() if v != DEFAULTS[k])
+    command = " ".join(shlex.quote(f"--{k}={v}") for k, v in cfg.items() if v != DEFAULTS[k])
     lines = [f"Test metrics of the best-validation EMA checkpoint, mean ± std over seeds "
              f"{', '.join(map(str, range(cfg['table_seeds'])))}; data `{cfg['data_dir']}`, {cfg['n_labeled']} labels "
              f"(full: every train label), arch `{cfg['arch']}`, {cfg['steps']} steps.",

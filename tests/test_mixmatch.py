@@ -39,7 +39,9 @@ def same(a, b):
 def error_of(argv):
     with pytest.raises(SystemExit) as e:
         tm.main(argv)
-    return str(e.value.code)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message  # one line, no traceback
+    return message
 
 
 # ----------------------------------------------------------------------------- MixMatch pieces
