@@ -69,8 +69,8 @@ attention: setup  ## attention maps of $(RUN)/best.safetensors on data/$(DATA) -
 mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 	$(PY) train_mixmatch.py --data=data/$(DATA) --n_labeled=$(N_LABELED) --seed=$(SEED) --out_dir=runs/mixmatch_$(DATA)_$(N_LABELED)_s$(SEED) $(ARGS)
 
-ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / full over 3 seeds -> runs/ssl_table.md
-	$(PY) train_mixmatch.py --table=1 --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) $(SSL_ARGS) $(ARGS)
+ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / MixMatch without mixup / full, 3 seeds -> runs/ssl_table/ssl_table.md
+	$(PY) train_mixmatch.py --table --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) --out_dir=runs/ssl_table $(SSL_ARGS) $(ARGS)
 
 bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)

@@ -18,8 +18,9 @@ Maps are upsampled to the input with `--upsample nearest` (DINO, default: one fl
 `bicubic` (the original solution's, smooth); masks are always upsampled nearest, so contours follow patch edges.
 
 Input: the images the model sees, i.e. resized (bicubic) and normalised to the model's img_size by
-data.prepare, exactly as in evaluation. --images must be square RGB files of any size (comma-separated, or a
-folder): they are resized to img_size (printed); crop non-square ones first. --data takes --split, --n, --show
+data.prepare, exactly as in evaluation. --images takes files of any size and mode (comma-separated, or a folder):
+each is centre-cropped to a square and resized to the training data's size as the importers do, then to img_size;
+unreadable files are listed and skipped. --data takes --split, --n, --show
 (random: a seeded sample; errors/correct: the first n misclassified/correct images in a seeded random order,
 which needs a classifier) and --cell LABEL,GROUP.
 
@@ -43,17 +44,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import configurator
-from data import IMAGENET_MEAN, IMAGENET_STD, load_split, prepare, read_meta
-from model import load_checkpoint, load_pretrained, write_atomic
+from data import IMAGENET_MEAN, IMAGENET_STD, load_split, prepare, read_images, read_meta
+from model import checkpoint_path, load_checkpoint, load_pretrained, write_atomic
 
 # -----------------------------------------------------------------------------
 # pure functions: maps, masks, upsampling
@@ -177,8 +176,9 @@ def plot_grid(path, images, maps, mean, masks, mean_masks, titles, wrong):
 def load_model(src, device):
     """Our checkpoint (with its meta) or pretrained weights (Hub id / local file, meta = {}); exits unless a ViT."""
     try:
-        if is_our_checkpoint(src):
-            model, meta, _ = load_checkpoint(src, device=device)
+        path = checkpoint_path(src)  # a pushed Hub repo of ours comes down as one checkpoint file
+        if is_our_checkpoint(path):
+            model, meta, _ = load_checkpoint(path, device=device)
         else:
             model, meta = load_pretrained(src), {}
     except (OSError, ValueError, SafetensorError) as e:  # missing file, offline Hub, foreign keys, unknown arch
@@ -195,21 +195,6 @@ def is_our_checkpoint(src):
             return "arch" in (f.metadata() or {})
     except (OSError, SafetensorError):  # not a file, or not safetensors (e.g. a .pth): load_pretrained's business
         return False
-
-
-def read_images(paths):
-    """Square RGB files -> list of uint8 [3, s, s] tensors (any s); exits on an unreadable or non-square file."""
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except OSError as e:
-            sys.exit(f"error: cannot read image {p}: {e}")
-        if arr.shape[0] != arr.shape[1]:
-            sys.exit(f"error: {p} is {arr.shape[1]}x{arr.shape[0]}; attention.py takes square images, crop it first")
-        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-    return out
 
 
 @torch.no_grad()
@@ -280,10 +265,6 @@ def parse_args(argv):
         sys.exit("error: --n and --batch_size must be >= 1")
     if cfg["cell"]:
         cfg["cell"] = configurator.cast("cell", cfg["cell"], (0, 0))
-    if cfg["images"]:
-        folder = Path(cfg["images"])
-        cfg["images"] = sorted(str(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else \
-            [p for p in cfg["images"].split(",") if p]
     cfg["device"] = configurator.pick_device(cfg["device"])
     return SimpleNamespace(**cfg)
 
@@ -295,11 +276,17 @@ def main(argv=None):
     S = model.cfg.img_size
     data_meta = ckpt_meta.get("data") or {}
     if args.images:
-        inputs = read_images(args.images)
-        print(f"resizing {len(inputs)} images to {S}x{S} (the model's img_size), bicubic as in evaluation")
+        stored = (data_meta.get("image_size") or [S])[0]  # the size the model was trained on, before its resize to S
+        images, names, skipped = read_images(args.images, stored)
+        for path, why in skipped:
+            print(f"skipped {path}: {why}")
+        if not len(images):
+            sys.exit(f"error: cannot read any image of --images={args.images}")
+        inputs = list(images)
+        print(f"{len(inputs)} images: centre square crop, {stored}x{stored} as the training data, then {S}x{S} "
+              "(the model's img_size), bicubic as in evaluation")
         indices = torch.arange(len(inputs))
         labels, groups = torch.full((len(inputs),), -1), torch.full((len(inputs),), -1)
-        names = [Path(p).name for p in args.images]
     else:
         try:
             data_meta = read_meta(args.data_dir)

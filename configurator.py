@@ -42,12 +42,14 @@ def cast(key, text, default):
 
 
 def parse(argv, defaults, file, presets=None, choices=None, aliases=None, required=()):
-    """-> a new dict: `defaults`, then the --config=NAME preset, then every --key=value of argv, type-checked.
+    """-> a new dict: `defaults`, then the --config=NAME preset, then every --key=value of argv (None: the command
+    line's), type-checked.
 
     file: the script's __file__ (its docstring and comments make --help); presets: {name: {key: value}};
     choices: {key: allowed values}; aliases: {alias: key} (e.g. {"data": "data_dir"}); required: keys that must be
     given a non-empty value.
     """
+    argv = sys.argv[1:] if argv is None else argv
     presets, choices, aliases = presets or {}, choices or {}, aliases or {}
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(defaults, file, presets, choices, aliases))
@@ -123,7 +125,7 @@ def help_text(defaults, file, presets, choices, aliases):
             note = f"one of {', '.join(map(str, choices[key]))}. {note}".strip()
         if key in also:
             note += f" (also --{also[key]})"
-        lines.append(f"  --{key}={_show(default):<22s} {note}".rstrip())
+        lines.append(f"  {'--' + key + '=' + _show(default):<34s} {note}".rstrip())
     if presets:
         lines.append("presets: " + ", ".join(f"--config={name}" for name in presets))
     return "\n".join(lines)

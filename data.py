@@ -18,6 +18,7 @@ augment (training) and prepare (evaluation: resize + normalise), AUGMENTS (named
 
 import contextlib
 import inspect
+import io
 import json
 import math
 import os
@@ -309,6 +310,47 @@ AUGMENTS = {
     "none": None,  # resize + normalise: prepare()
 }
 
+AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(augment).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image files: one decoder for the importers (sources.py) and for inference on any image (evaluate, attention)
+
+def decode_image(src, size):
+    """Path or bytes -> uint8 [size, size, 3] RGB: centre square crop, area resize (CelebA: 178x178 -> 80), any size
+    or mode; 16-bit images are scaled to 8 bits, not clipped. Returns the error text when it is not a readable image."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            if im.mode.startswith("I"):  # 16/32-bit integer pixels: convert("RGB") would clip them all to white
+                wide = np.asarray(im, np.float64)
+                im = Image.fromarray(np.round(wide * 255 / (65535 if wide.max() > 255 else 255)).astype(np.uint8))
+            im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    w, h = im.size
+    if (w, h) != (size, size):
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BOX)
+    return np.array(im, np.uint8)
+
+
+def read_images(spec, size):
+    """Image files for inference, `spec` a folder (its files, sorted) or comma-separated paths -> (uint8
+    [N, 3, size, size], names, skipped [(path, why)]); each decoded as the importers do (decode_image)."""
+    folder = spec if isinstance(spec, str) and os.path.isdir(spec) else None
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith(".")) if folder else \
+        [p for p in (spec.split(",") if isinstance(spec, str) else spec) if p]
+    images, names, skipped = [], [], []
+    for path in paths:
+        img = decode_image(path, size) if os.path.isfile(path) else "no such file"
+        if isinstance(img, str):
+            skipped.append((path, img))
+        else:
+            images.append(torch.from_numpy(img).permute(2, 0, 1))
+            names.append(os.path.basename(path))
+    return (torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)), names, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,8 +378,7 @@ def show(argv):
         argv = [f"--data_dir={argv[0]}", *argv[1:]]
     cfg = configurator.parse(argv, SHOW, __file__, choices={"split": SPLITS, "augment": tuple(AUGMENTS)},
                              aliases={"data": "data_dir", "out": "out_dir"}, required=("data_dir",))
-    params = {k: p.default for k, p in inspect.signature(augment).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    kw = {**(AUGMENTS[cfg["augment"]] or {}), **configurator.parse_kw("augment_kw", cfg["augment_kw"], params)}
+    kw = {**(AUGMENTS[cfg["augment"]] or {}), **configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)}
     if min(cfg["n_per_cell"], cfg["n_aug"], cfg["out_size"] + 1) < 1:
         sys.exit("error: --n_per_cell and --n_aug want at least 1, --out_size 0 or more")
     data_dir, split = cfg["data_dir"], cfg["split"]

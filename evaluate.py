@@ -299,17 +299,21 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
 # inference
 
 @torch.no_grad()
-def predict(model, loader, img_size, desc=None):
-    """(logits [N, C] float32, labels [N], groups [N]) on the CPU, in loader order; bf16 autocast on CUDA."""
-    model.eval()
+def predict(net, loader, img_size, desc=None, world=1):
+    """(logits [N, C] float32, labels [N], groups [N]) on the CPU, in loader order; bf16 autocast on CUDA. Under
+    DDP (world > 1) each rank predicts its shard and every rank gets all of them, rank after rank."""
+    net.eval()
+    device = next(net.parameters()).device
     scores, labels, groups = [], [], []
     for x, y, g in tqdm(loader, desc=desc, disable=desc is None, leave=False):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            logits = model(data.prepare(x, img_size))
+            logits = net(data.prepare(x, img_size))
         scores.append(logits.float().cpu())
         labels.append(y.cpu())
         groups.append(g.cpu())
-    return torch.cat(scores), torch.cat(labels), torch.cat(groups)
+    out = [torch.cat(t) for t in (scores, labels, groups)]
+    # gloo gathers CPU tensors, NCCL device ones: the tensors travel on the model's device
+    return tuple(model.gather(t.to(device), world).cpu() for t in out) if world > 1 else tuple(out)
 
 
 # -----------------------------------------------------------------------------
@@ -408,9 +412,10 @@ def print_table(report):
                 print(f"{'':11s} EO difference {m['equalized_odds_difference']:.4f}"
                       f"{ci(m, 'equalized_odds_difference')}  DP difference "
                       f"{m['demographic_parity_difference']:.4f}{ci(m, 'demographic_parity_difference')}")
-    if "thresholded" in report:
-        t = report["thresholded"]["thresholds"]
-        print("thresholds on p(class 1), fitted on val: " + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
+    if "thresholds" in report:
+        t = {n: v for n, v in report["thresholds"].items() if n != "fitted_on"}
+        print(f"thresholds on p(class 1), from {report['thresholds']['fitted_on']}: "
+              + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
 
 
 # the CLI's config: --key=value overrides (configurator.py's convention)

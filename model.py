@@ -20,6 +20,7 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import errors as hub_errors
@@ -246,6 +247,15 @@ def _download(repo_id):
     return weights, config
 
 
+def checkpoint_path(src):
+    """A local file as it is; a Hub repo id -> its model.safetensors (or pytorch_model.bin) in the Hub cache."""
+    if os.path.exists(src):
+        return src
+    if not _is_repo_id(src):
+        raise FileNotFoundError(f"no checkpoint file {src} (nor a Hub repo id owner/name)")
+    return str(_download(src)[0])
+
+
 def _is_repo_id(src):
     """'owner/name' (a Hub repo id) as opposed to a path that does not exist."""
     return str(src).count("/") == 1 and not str(src).startswith(("/", ".", "~")) and not Path(src).suffix
@@ -265,14 +275,17 @@ def _read_source(src):
         raise FileNotFoundError(f"{src}: no such file or folder")
     else:
         weights, config = _download(src)
+    hub_config = json.loads(config.read_text()) if config is not None and config.is_file() else {}
     if weights.suffix == ".safetensors":
         sd = load_file(weights)
-        if any(k.startswith("model.") for k in sd):  # one of our checkpoints: its weights, not its resume state
+        if any(k.startswith("model.") for k in sd):  # one of our checkpoints: its weights, not its resume state,
             sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+            with safe_open(weights, framework="pt") as f:  # and its own record of the architecture
+                ours = json.loads((f.metadata() or {}).get("model_config", "{}"))
+            hub_config = {"num_attention_heads": ours["heads"], "ln_eps": ours["ln_eps"]} if "heads" in ours else {}
     else:  # a pickle: weights_only refuses anything but tensors and plain containers
         sd = torch.load(weights, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd.get("model", sd))  # training checkpoints nest the weights
-    hub_config = json.loads(config.read_text()) if config is not None and config.is_file() else {}
 
     def strip(k):
         while k.startswith(_WRAPPER_PREFIXES):
@@ -292,10 +305,23 @@ def _read_source(src):
     return sd, hf_layout, hub_config
 
 
+KNOWN_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16}  # width -> heads of ViT-Ti/S/B/L (DeiT, DINO, timm)
+
+
+def _heads(src, dim, hub_config, overrides):
+    """The head count: asked for, else from config.json or our checkpoint's metadata, else the standard ViT of
+    that width. The tensors cannot tell it (qkv is dim x 3 dim for any count), so never a guess."""
+    heads = overrides.get("heads") or hub_config.get("num_attention_heads") or KNOWN_HEADS.get(dim)
+    if not heads:
+        raise ValueError(f"{src}: cannot tell its number of attention heads (width {dim} is not a standard ViT's, and "
+                         f"no config.json or checkpoint metadata says): pass heads=N to load_pretrained")
+    return heads
+
+
 def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
     """A ViT with pretrained backbone weights from a Hub repo id, a .safetensors/.bin/.pth file, or a folder with
-    model.safetensors (or pytorch_model.bin) and config.json. Architecture from the tensors (heads from config.json,
-    else 6 for dim 384, else dim // 64); LayerNorm eps from config.json's layer_norm_eps in the transformers layout
+    model.safetensors (or pytorch_model.bin) and config.json, or one of our checkpoints. Architecture from the tensors
+    (heads: see _heads); LayerNorm eps from config.json's layer_norm_eps in the transformers layout
     (1e-12 when absent, transformers' default), 1e-6 in the DINO/timm layout. overrides set ViTConfig fields, e.g.
     img_size=80 (the position embedding is resized with pos_interp), num_classes=2 (a new, freshly initialised head),
     drop_path=0.1."""
@@ -310,10 +336,10 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
         patch_size=patch,
         dim=dim,
         depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-        heads=hub_config.get("num_attention_heads", 6 if dim == 384 else dim // 64),
+        heads=_heads(src, dim, hub_config, overrides),
         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        ln_eps=hub_config.get("layer_norm_eps", 1e-12) if hf_layout else 1e-6,
+        ln_eps=hub_config.get("ln_eps", hub_config.get("layer_norm_eps", 1e-12) if hf_layout else 1e-6),
     )
     model = ViT(replace(cfg, **overrides))
     sd["pos_embed"] = resize_pos_embed(sd["pos_embed"].float(), (model.cfg.img_size // patch,) * 2,
@@ -398,6 +424,41 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+# the distributed run's shared state: predictions and RNG states gathered over ranks (one process: as they are)
+
+def gather(t, world):
+    """All ranks' tensors [n_r, ...] concatenated (rank order); pads to the largest n_r for all_gather."""
+    if world == 1:
+        return t
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+def rng_states(generator, device, world):
+    """Every rank's RNG states (torch, CUDA, the augmentation generator), gathered so rank 0 can save them all in
+    the resume state. A collective: every rank calls it."""
+    states = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
+
+
+def set_rng_states(states, generator, device, rank):
+    """Restore this rank's RNG states from rng_states()'s record (resume)."""
+    r = rank % len(states["torch"])
+    torch.set_rng_state(states["torch"][r].cpu())
+    generator.set_state(states["augment"][r].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"][r].cpu(), device)
+
+
 def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = None):
     """Write model weights, its arch and config, meta (JSON-able; tuples come back as lists) and state (nested
     tensors/containers/scalars, exact round trip) to one .safetensors file, atomically."""
@@ -416,8 +477,7 @@ def load_checkpoint(path, device="cpu"):
     """(model on device, meta, state or None) from a save_checkpoint file, or from a Hub repo id holding one as
     model.safetensors (evaluate.py --push_to_hub makes such repos). State tensors stay on the CPU: RNG states must,
     and optimizer.load_state_dict moves its tensors to the parameters' device."""
-    if not os.path.exists(path) and _is_repo_id(path):
-        path = str(_download(path)[0])
+    path = checkpoint_path(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

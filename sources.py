@@ -14,7 +14,6 @@ renamed at the very end, so a failed or killed build leaves nothing behind. Sour
 import ast
 import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -26,7 +25,6 @@ from functools import partial
 
 import cv2
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 import configurator
@@ -322,29 +320,13 @@ def synthetic_source(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading image files (every source but synthetic)
 
-def _decode(src, size):
-    """Path or bytes -> uint8 [size, size, 3]: centre square crop, area resize (CelebA: 178x178 at top 20 -> 80).
-    Returns the error text instead when the file is not a readable image."""
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            im = im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
-    w, h = im.size
-    if (w, h) != (size, size):
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BOX)
-    return np.asarray(im, np.uint8)
-
-
 def _read_images(sources, names, size, desc, out=None, skipped=None):
     """Decode many images with a thread pool (PIL releases the GIL while decoding and resizing). Unreadable ones are
     skipped and listed in `skipped`. Returns (images [k, size, size, 3] (a view of `out` when given), kept indices)."""
     out = np.empty((len(sources), size, size, 3), np.uint8) if out is None else out
     kept = []
     with ThreadPoolExecutor(data._cores()) as pool:
-        results = pool.map(partial(_decode, size=size), sources)
+        results = pool.map(partial(data.decode_image, size=size), sources)
         for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False)):
             if isinstance(img, str):
                 skipped.append(dict(file=names[i], reason=img))

@@ -35,7 +35,6 @@ rows (mixup partners come from the same rank, BN statistics are per rank), and t
 
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -113,8 +112,6 @@ PRESETS = {
     # the original gender / mask experiments' backbone, ImageNet weights
     "wrn50_2": dict(arch="wrn50_2", img_size=224, lr=1e-4, batch_size=32),
 }
-AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(data.augment).parameters.items()
-                  if p.default is not inspect.Parameter.empty and k != "generator"}  # what augment_kw may override
 # the table's rows: (name, run folder tag, config overrides); "no mixup" is the paper's ablation
 TABLE = (("supervised", "supervised", dict(mode="supervised")),
          ("mixmatch", "mixmatch", dict(mode="mixmatch", mixup=True)),
@@ -241,20 +238,10 @@ def build_model(c, num_classes):
     return model.ViT(dataclasses.replace(model.PRESETS[c.vit_preset], img_size=c.img_size, num_classes=num_classes))
 
 
-def gather(obj, world):
-    """Every rank's `obj` (CPU tensors, dicts of them), in rank order: [obj] in a single process."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def split_metrics(net, loader, img_size, group_names, world):
     """evaluate.py's metrics over the whole split (each rank predicts its shard); per-group accuracy and the fair
     score only where the split has both groups."""
-    scores, labels, groups = (torch.cat(parts) for parts in zip(*gather(evaluate.predict(net, loader, img_size),
-                                                                          world)))
+    scores, labels, groups = evaluate.predict(net, loader, img_size, world=world)
     return evaluate.compute_metrics(scores, labels, groups, fair=evaluate.has_both_groups(groups),
                                     group_names=group_names, n_boot=0)
 
@@ -270,7 +257,8 @@ def train(cfg):
         sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
     b = c.batch_size // world  # this rank's labelled rows (and unlabelled ones, times K)
     aug_kw = data.AUGMENTS[c.augment]
-    aug_kw = None if aug_kw is None else {**aug_kw, **configurator.parse_kw("augment_kw", c.augment_kw, AUGMENT_PARAMS)}
+    if aug_kw is not None:
+        aug_kw = {**aug_kw, **configurator.parse_kw("augment_kw", c.augment_kw, data.AUGMENT_PARAMS)}
     try:
         meta = data.read_meta(c.data_dir)
         _, val_groups = data.load_labels(c.data_dir, "val")
@@ -317,11 +305,7 @@ def train(cfg):
         ema.load_state_dict(saved.state_dict())
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        rng, r = state["rng"], rank % len(state["rng"]["torch"])
-        torch.set_rng_state(rng["torch"][r])
-        gen_aug.set_state(rng["augment"][r])
-        if dev.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"][r], dev)
+        model.set_rng_states(state["rng"], gen_aug, dev, rank)
         gen_idx.set_state(state["batch_order"])
         lab_batches.queue, unlab_batches.queue = state["queues"]
         start, best, best_step, history, losses = (state[k] for k in ("step", "best", "best_step", "history",
@@ -339,13 +323,10 @@ def train(cfg):
         os.makedirs(c.out_dir, exist_ok=True)
 
     def save_last(step):  # a collective (the RNG states of every rank): all ranks call it
-        s = {"torch": torch.get_rng_state(), "augment": gen_aug.get_state()}
-        if dev.type == "cuda":
-            s["cuda"] = torch.cuda.get_rng_state(dev)
-        ranks = gather(s, world)
+        rng = model.rng_states(gen_aug, dev, world)
         if master:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": {k: [o[k] for o in ranks] for k in s}, "batch_order": gen_idx.get_state(),
+                     "rng": rng, "batch_order": gen_idx.get_state(),
                      "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
                      "history": history, "losses": losses}
             model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
@@ -499,7 +480,7 @@ def run_table(cfg):
 def parse_config(argv):
     """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
     cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
-    configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)  # checked now, not at the first batch
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)  # checked now, not at the first batch
     return cfg
 
 

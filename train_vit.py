@@ -15,7 +15,6 @@ best.safetensors (best validation metric, select=), last.safetensors (+ optimize
 resume=true) and curves.png.
 """
 
-import inspect
 import json
 import math
 import os
@@ -45,7 +44,7 @@ out_dir = "runs/vit"  # where the checkpoints, log.jsonl and curves.png go
 resume = False  # continue from out_dir/last.safetensors if it exists
 sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
 sweep_dir = "runs/sweep"  # the sweep's folder (its own, so a sweep never overwrites a `make train` run)
-select = "fair"  # the validation metric that picks best.safetensors: fair | accuracy
+select = "fair"  # the validation metric that picks best.safetensors: fair | worst_group | accuracy
 # model
 init = "dino"  # dino: model.load_pretrained(pretrained) | scratch: random init of model.PRESETS[arch]
 pretrained = "facebook/dino-vits8"  # Hub id or local weights file (init=dino)
@@ -95,8 +94,6 @@ PRESETS = {
 }
 PRESETS["seed_recipe"] = PRESETS["recipe"]  # its earlier name
 NO_DECAY = ("bias", "bn", "norm", "layernorm")  # the original's no-decay name patterns: biases and norm layers
-AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(data.augment).parameters.items()
-                  if p.default is not inspect.Parameter.empty and k != "generator"}  # what augment_kw may override
 
 
 # -----------------------------------------------------------------------------
@@ -166,29 +163,6 @@ def lr_at(c, it, total):
     return c.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * (it - warm) / max(1.0, total - warm))))
 
 
-def gather(t, world):
-    """All ranks' tensors [n_r, ...] concatenated (rank order); pads to the largest n_r for all_gather."""
-    if world == 1:
-        return t
-    n = torch.tensor([len(t)], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: len(t)] = t
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
-
-
-def rng_states(gen, device, world):
-    """Every rank's RNG states (torch, CUDA, augmentation generator), gathered so rank 0 can save them all."""
-    states = {"torch": torch.get_rng_state(), "augment": gen.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-    return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
-
-
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -248,7 +222,8 @@ def train(cfg):
         cell_weights = torch.tensor(configurator.cast("group_weights", c.group_weights, (1.0,) * 4), device=device)
         if len(meta["classes"]) != 2 or not fair:
             sys.exit(f"error: group_weights={c.group_weights} needs a data set with 2 classes and 2 groups")
-    aug_kw = {**(data.AUGMENTS[c.augment] or {}), **configurator.parse_kw("augment_kw", c.augment_kw, AUGMENT_PARAMS)}
+    aug_kw = {**(data.AUGMENTS[c.augment] or {}),
+              **configurator.parse_kw("augment_kw", c.augment_kw, data.AUGMENT_PARAMS)}
 
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = build_model(c, len(meta["classes"])).to(device)
@@ -274,11 +249,7 @@ def train(cfg):
         saved, _, state = model.load_checkpoint(last_path, device=device)
         net.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(state["optimizer"])
-        r = rank % len(state["rng"]["torch"])
-        torch.set_rng_state(state["rng"]["torch"][r].cpu())
-        aug_gen.set_state(state["rng"]["augment"][r].cpu())
-        if cuda and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"][r].cpu(), device)
+        model.set_rng_states(state["rng"], aug_gen, device, rank)
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         if master:
             print(f"resuming {last_path} after epoch {start_epoch}")
@@ -326,8 +297,7 @@ def train(cfg):
         if world > 1:
             dist.all_reduce(totals)
 
-        scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size)
-        scores, val_labels, val_groups = (gather(t.to(device), world).cpu() for t in (scores, val_labels, val_groups))
+        scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world)
         metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
         record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
                   "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
@@ -336,7 +306,7 @@ def train(cfg):
         score = evaluate.selection_score(metrics, c.select)
         improved = score > best
         best = max(best, score)
-        rng = rng_states(aug_gen, device, world)  # a collective: every rank takes part
+        rng = model.rng_states(aug_gen, device, world)  # a collective: every rank takes part
         if master:
             if improved:
                 model.save_checkpoint(best_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics})
@@ -385,7 +355,7 @@ def write_sweep(results, path):
 def parse_config(argv):
     """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
     cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
-    configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)  # checked now, not at the first batch
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)  # checked now, not at the first batch
     if cfg["group_weights"]:
         configurator.cast("group_weights", cfg["group_weights"], (1.0,) * 4)
     return cfg

@@ -1,5 +1,6 @@
 """evaluate.py: metrics on hand-computed cases, threshold fitting, and the CLI round trip and error paths."""
 
+import csv
 import itertools
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluate as ev
@@ -151,25 +153,94 @@ def test_cli_round_trip(tiny):
     root, data_dir, ckpt = tiny
     out, sub = root / "eval", root / "submission.txt"
     proc = run_cli("--ckpt", ckpt, "--data", data_dir, "--split", "test", "--out", str(out), "--submit", str(sub),
-                   "--n_boot", "100")
+                   "--n_boot", "100", "--card")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
-    for key in ("accuracy", "group_accuracy", "fair_score", "fair_score_ci", "f1", "confusion", "group_confusion"):
+    for key in ("accuracy", "group_accuracy", "fair_score", "fair_score_ci", "f1", "confusion", "group_confusion",
+                "worst_group_accuracy", "worst_group_accuracy_ci", "equalized_odds_difference", "groups", "curves"):
         assert key in report
     assert list(report["group_accuracy"]) == ["women", "men"]
-    t = report["thresholded"]
-    assert t["fitted_on"] == "val" and len(t["thresholds"]) == 2 and "fair_score" in t
+    assert report["thresholds"]["fitted_on"] == "val" and "fair_score" in report["thresholded"]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "fair" in proc.stdout and "women" in proc.stdout
+    assert "fair" in proc.stdout and "worst group" in proc.stdout and "EO difference" in proc.stdout
     # the submission: one -1/1 per test sample, in order, the argmax of the model's logits
     lines = sub.read_text().splitlines()
-    x, y, _ = data.load_split(data_dir, "test")
+    x, y, g = data.load_split(data_dir, "test")
     net = model.load_checkpoint(ckpt)[0].eval()
     with torch.no_grad():
-        pred = net(data.prepare(x, 32)).argmax(1)
+        logits = net(data.prepare(x, 32))
+    pred = logits.argmax(1)
     assert lines == ["1" if p == 1 else "-1" for p in pred.tolist()]
     assert report["accuracy"] == pytest.approx((pred == y).float().mean().item())
+    # predictions.csv: a row per sample in split order, with p(class 1) and both decisions
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [int(r["index"]) for r in rows] == list(range(len(y)))
+    assert [int(r["label"]) for r in rows] == y.tolist() and [int(r["group"]) for r in rows] == g.tolist()
+    assert [int(r["pred"]) for r in rows] == pred.tolist()
+    p1 = torch.softmax(logits, 1)[:, 1]
+    assert [float(r["p_1"]) for r in rows] == pytest.approx(p1.tolist(), abs=1e-6)
+    t = [report["thresholds"][n] for n in ("women", "men")]
+    assert [int(r["pred_thresholded"]) for r in rows] == (p1 > torch.tensor(t)[g]).long().tolist()
+    # the model card: YAML metadata with the results, then the bias section filled from the report
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "model-index" in card and "worst_group_accuracy" in card
+    assert "## Bias, risks and limitations" in card and report["worst_group"] in card
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # a later --submit reuses the saved thresholds without refitting
+    sub2 = root / "thresholded.txt"
+    ev.main(["--ckpt", ckpt, "--data", data_dir, "--submit", str(sub2), "--submit_thresholds",
+             f"--thresholds={out / 'report.json'}", "--n_boot=0"])
+    decided = (p1 > torch.tensor(t)[g]).long().tolist()
+    assert sub2.read_text().splitlines() == ["1" if d == 1 else "-1" for d in decided]
+
+
+def test_cli_images_of_any_size(tiny, tmp_path):
+    _, _, ckpt = tiny
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.png", (48, 64, 3)), ("b.jpg", (32, 32, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "c.png").write_bytes(b"corrupt")
+    out = tmp_path / "preds.csv"
+    ev.main(["--ckpt", ckpt, "--images", str(tmp_path), "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["file"] for r in rows] == ["a.png", "b.jpg"] and all(r["label"] == "-1" for r in rows)
+    # b.jpg is already 32x32: its prediction is the model's on the decoded image itself
+    x = torch.from_numpy(np.array(Image.open(tmp_path / "b.jpg").convert("RGB"))).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        p1 = torch.softmax(model.load_checkpoint(ckpt)[0].eval()(data.prepare(x, 32)), 1)[0, 1].item()
+    assert float(rows[1]["p_1"]) == pytest.approx(p1, abs=1e-6)
+
+
+def test_push_to_hub_uploads_safetensors_and_reads_back(tiny, tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    root, data_dir, ckpt = tiny
+    hub = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, exist_ok: None)
+    upload = lambda self, path_or_fileobj, path_in_repo, repo_id: hub.update({path_in_repo: path_or_fileobj})
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", upload)
+    ev.main(["--ckpt", ckpt, "--data", data_dir, "--out", str(tmp_path / "out"), "--push_to_hub=me/tiny",
+             "--n_boot=0"])
+    assert sorted(hub) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads(open(hub["config.json"]).read())["classes"] == data.read_meta(data_dir)["classes"]
+    # read back: the Hub download (monkeypatched) serves the uploaded model.safetensors
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: hub[filename])
+    net, meta, _ = model.load_checkpoint("me/tiny")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 model.load_checkpoint(ckpt)[0].state_dict().values()))
+    backbone = model.load_pretrained("me/tiny")  # the same weights as a pretrained backbone (no head)
+    assert torch.equal(backbone.pos_embed, net.pos_embed)
+
+
+def test_push_to_hub_offline_is_one_line(tiny, tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    root, data_dir, ckpt = tiny
+
+    def offline(self, repo_id, exist_ok):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    message = cli_error("--ckpt", ckpt, "--data", data_dir, "--out", str(tmp_path / "out"), "--push_to_hub=me/x",
+                        "--n_boot=0")
+    assert message.startswith("error: cannot push to the Hub repo me/x (OfflineModeIsEnabled)")
 
 
 def cli_error(*args):

@@ -175,7 +175,8 @@ def test_config_preset_then_overrides():
     default = tm.parse_config([])
     assert default["select"] == "accuracy" and default["device"] == "auto" and default["augment"] == "weak"
     # cpu_small's augmentation is the list its README numbers were measured with: crop (64-100% area) + flip
-    kw = {**data.AUGMENTS[cfg["augment"]], **configurator.parse_kw("augment_kw", cfg["augment_kw"], tm.AUGMENT_PARAMS)}
+    overrides = configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)
+    kw = {**data.AUGMENTS[cfg["augment"]], **overrides}
     assert kw == dict(crop_scale=(0.64, 1.0), rotate_p=0.0, erase_p=0.0, color_p=0.0, blur_p=0.0)
 
 
