@@ -50,8 +50,8 @@ data: setup  ## build data/$(DATA) (celeba by default; DATA=synthetic works offl
 	$(PY) data.py $(DATA) --out data/$(DATA) $(ARGS)
 
 demo: setup data/demo/meta.json  ## offline end-to-end run on the synthetic set: data, train, evaluate, attention maps
-	$(PY) train_vit.py --config=demo --data=data/demo --out_dir=runs/demo $(ARGS)
-	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval
+	$(PY) train_vit.py --config=demo --data=data/demo --out_dir=runs/demo --force $(ARGS)
+	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval --card
 	$(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention
 
 train: setup  ## train the original solution's recipe (CONFIG=recipe; a GPU job) on data/$(DATA) into runs/seed$(SEED)

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import configurator
-from data import IMAGENET_MEAN, IMAGENET_STD, load_split, prepare, read_images, read_meta
+from data import IMAGENET_MEAN, IMAGENET_STD, load_split, mismatch, prepare, read_images, read_meta
 from model import checkpoint_path, load_checkpoint, load_pretrained, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -293,6 +293,9 @@ def main(argv=None):
             images, labels, groups = load_split(args.data_dir, args.split)
         except (OSError, ValueError, KeyError) as e:
             sys.exit(f"error: cannot read split {args.split!r} of {args.data_dir}: {e}")
+        if differ := mismatch(ckpt_meta.get("data") or {}, data_meta):
+            sys.exit(f"error: {args.ckpt} was trained for another task or data than {args.data_dir} (trained vs "
+                     f"here: {differ})")
         indices = select(model, images, labels, groups, args, args.device)
         if len(indices) == 0:
             cell = f" in cell label={args.cell[0]}, group={args.cell[1]}" if args.cell else ""

@@ -89,6 +89,13 @@ def parse(argv, defaults, file, presets=None, choices=None, aliases=None, requir
     return cfg
 
 
+def require(cfg, key, ok, allowed):
+    """One error line unless ok(cfg[key]): `error: --key=value: allowed`. For the checks a type cannot express
+    (lr > 0, batch_size >= 1, ...), made before any data or model is loaded."""
+    if not ok(cfg[key]):
+        sys.exit(f"error: --{key}={_show(cfg[key])}: {allowed}")
+
+
 def parse_kw(key, text, defaults):
     """"a=1,b=(0.3,1.0)" -> {"a": 1, "b": (0.3, 1.0)}, every name one of `defaults` and cast to its default's type
     (for keyword overrides such as train_vit.py's augment_kw over data.augment's parameters)."""

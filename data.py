@@ -115,16 +115,27 @@ def load_attrs(data_dir, split):
 
 
 def summary(data_dir, meta):
-    """What a checkpoint records of its training data (evaluate.py checks image_size against it)."""
+    """What a checkpoint records of its training data (evaluate.py and attention.py check data against it)."""
     return {"path": data_dir, **{k: meta[k] for k in ("source", "classes", "groups", "image_size", "criterion")
                                  if k in meta}}
+
+
+def mismatch(trained, meta):
+    """What differs between a checkpoint's data summary and a data set's meta.json: the task (class names, label
+    criterion), the group names and the stored image size; "" when they agree. Keys a summary lacks are not checked
+    (checkpoints from elsewhere)."""
+    differ = [f"{k} {trained[k]} vs {meta.get(k)}" for k in ("classes", "criterion", "groups", "image_size")
+              if trained.get(k) and trained[k] != meta.get(k)]  # both read from JSON: lists and strings
+    return "; ".join(differ)
 
 
 class SplitLoader:
     """Batches (x uint8 [B, 3, H, W], y int64 [B], g int64 [B]) of one split on `device`; see make_loader."""
 
     def __init__(self, data_dir, split, batch_size, train, device, backend, indices, seed, rank, world_size):
-        n = read_meta(data_dir)["splits"][split]["n"]
+        meta = read_meta(data_dir)
+        _open_beton(data_dir, split, meta)  # a missing split or a damaged file: one clear error before any work
+        n = meta["splits"][split]["n"]
         self.indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n):
             raise IndexError(f"indices out of range for split {split!r} of {n} samples")

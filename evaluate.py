@@ -583,9 +583,9 @@ def main(argv=None):
     if cfg["num_classes"] != len(classes):
         sys.exit(f"error: {args.ckpt} predicts {cfg['num_classes']} classes but {args.data_dir} has {len(classes)} "
                  f"({', '.join(classes)}): a checkpoint for another task or a backbone without a head")
-    trained_size = ck_meta.get("data", {}).get("image_size")
-    if trained_size is not None and list(trained_size) != list(meta["image_size"]):
-        sys.exit(f"error: {args.ckpt} was trained on {trained_size} images, {args.data_dir} holds {meta['image_size']}")
+    if differ := data.mismatch(ck_meta.get("data", {}), meta):
+        sys.exit(f"error: {args.ckpt} was trained for another task or data than {args.data_dir} (trained vs here: "
+                 f"{differ})")
     if args.submit and len(classes) != 2:
         sys.exit("error: the challenge format (-1/1) needs a 2-class data set")
     names = meta.get("groups") or list(GROUP_NAMES)

@@ -11,9 +11,14 @@ Module names follow DINO/timm (`blocks.0.attn.qkv`, ...) so their state dicts lo
 layout (`encoder.layer.0.attention.attention.query`, ...) is renamed on load.
 """
 
+import contextlib
 import json
 import math
 import os
+import pickle  # only for its exception type: pickles are read by torch.load(weights_only=True)
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -284,7 +289,11 @@ def _read_source(src):
                 ours = json.loads((f.metadata() or {}).get("model_config", "{}"))
             hub_config = {"num_attention_heads": ours["heads"], "ln_eps": ours["ln_eps"]} if "heads" in ours else {}
     else:  # a pickle: weights_only refuses anything but tensors and plain containers
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{weights}: holds Python objects other than tensors, which torch.load(weights_only=True) "
+                             "refuses to run; not loaded (convert it to .safetensors where you trust it)") from None
         sd = sd.get("state_dict", sd.get("model", sd))  # training checkpoints nest the weights
 
     def strip(k):
@@ -424,6 +433,87 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+# a run's folder: one run at a time, never over an earlier run by accident, and a clean stop on Ctrl-C / SIGTERM
+
+RUN_FILES = ("last.safetensors", "best.safetensors", "log.jsonl")  # what makes a folder hold a run
+STOP = threading.Event()  # set by SIGINT / SIGTERM inside run_dir: the training loops stop at the next step
+
+
+@contextlib.contextmanager
+def run_dir(path, resume=False, force=False, master=True):
+    """Claim `path` for one training run. Refuses (one error line) a folder holding an earlier run unless resume
+    (continue it) or force (replace it); a lock file (path/.lock, the owner's pid) keeps a second run out, and a
+    lock whose process is gone is taken over with a message. While inside, SIGINT / SIGTERM set STOP instead of
+    killing the process, so the loop can stop between steps with its last checkpoint intact. Non-master DDP ranks
+    only get the signal handling."""
+    lock = os.path.join(path, ".lock")
+    if master:
+        earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
+        if earlier and not (resume or force):
+            sys.exit(f"error: {path} holds an earlier run ({', '.join(earlier)}): pass --resume=true to continue it, "
+                     "--force=true to replace it, or choose another --out_dir")
+        os.makedirs(path, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = Path(lock).read_text().strip()
+            if owner.isdigit() and _alive(int(owner)):
+                sys.exit(f"error: another run (pid {owner}) is writing to {path}; wait for it or choose another "
+                         "--out_dir")
+            print(f"taking over {lock}: its run (pid {owner or '?'}) is gone")
+            fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    STOP.clear()
+    previous = {s: signal.signal(s, lambda *_: STOP.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if master and os.path.exists(lock):
+            os.remove(lock)
+
+
+def resume_state(path, cfg, must_match, master=True):
+    """The resume state of path (a last.safetensors), checked against this run's config: keys in must_match (the
+    architecture, the optimizer, the data) must equal the saved ones (else one error line naming them); any other
+    difference (lr, epochs, ...) is allowed and printed. The saved model's weights come back as state["weights"]."""
+    try:
+        saved, meta, state = load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot resume from {path} ({e}); delete it to start over, or choose a new --out_dir")
+    if state is None:
+        sys.exit(f"error: {path} holds no resume state; delete it to start over, or choose a new --out_dir")
+    before = meta.get("config", {})
+    differ = {k: (before[k], v) for k, v in cfg.items() if k in before and before[k] != v}
+    if clash := [k for k in must_match if k in differ]:
+        sys.exit("error: cannot resume with a different " + ", ".join(f"{k} (saved {differ[k][0]!r}, now "
+                                                                         f"{differ[k][1]!r})" for k in clash))
+    if master and (changed := {k: d for k, d in differ.items() if k not in ("resume", "force", "stop_after")}):
+        print("resuming with changed config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return {**state, "weights": saved.state_dict()}
+
+
+def stop_requested(world=1, device="cpu"):
+    """Whether a SIGINT / SIGTERM arrived (under DDP: on any rank; every rank gets the same answer)."""
+    if world == 1:
+        return STOP.is_set()
+    flag = torch.tensor([float(STOP.is_set())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 # the distributed run's shared state: predictions and RNG states gathered over ranks (one process: as they are)
 
 def gather(t, world):
@@ -488,8 +578,12 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a checkpoint of ours (no 'arch' and 'model_config' in its metadata)")
     if metadata["arch"] not in ARCHS:
         raise ValueError(f"{path}: unknown arch {metadata['arch']!r}; known: {', '.join(sorted(ARCHS))}")
-    model = ARCHS[metadata["arch"]](json.loads(metadata["model_config"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model = ARCHS[metadata["arch"]](json.loads(metadata["model_config"]))
+        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown config keys; missing, extra or misshaped tensors
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: its {metadata['arch']} config or weights do not fit this code ({first})") from None
     meta = {k: json.loads(v) for k, v in metadata.items() if k not in _RESERVED}
     state = _unflatten(json.loads(metadata["state"]), tensors) if "state" in metadata else None
     return model.to(device), meta, state

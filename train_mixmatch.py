@@ -63,6 +63,7 @@ import sing
 data_dir = "data/celeba"  # a data.py output folder
 out_dir = "runs/mixmatch"  # the run's folder; with table=true, the folder of every run and of ssl_table.md
 resume = False  # continue from out_dir/last.safetensors if it exists
+force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
 select = "accuracy"  # the val metric that picks best.safetensors (evaluate.SELECT); all but accuracy need groups
 seed = 0  # model init, augmentation, mixup, batch order and the choice of the labelled subset
 n_labeled = 250  # labelled train images, balanced per class; the rest of the train split is unlabelled
@@ -102,6 +103,9 @@ table_seeds = 3  # seeds 0 .. table_seeds-1
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 CHOICES = {"mode": ("mixmatch", "supervised", "full"), "arch": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
            "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "vit_preset": tuple(model.PRESETS)}
+# what a resumed run must share with the saved one (architecture, optimizer, data, labelled subset); the rest may change
+RESUME_MUST_MATCH = ("data_dir", "mode", "n_labeled", "seed", "arch", "pretrained", "vit_src", "vit_preset",
+                     "small_width", "img_size", "opt", "batch_size", "K")
 PRESETS = {
     # small CNN from scratch on the synthetic set, CPU: the README's table. lambda_u: the L2 term is a mean over
     # classes, so 2 classes weigh it 5x more than CIFAR-10 does; 75 / 5 = 15, and at 25 a 1000-step run (ramp 400
@@ -268,6 +272,10 @@ def train(cfg):
     if c.select != "accuracy" and not evaluate.has_both_groups(val_groups):
         sys.exit(f"error: select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
     num_classes, group_names = len(meta["classes"]), meta.get("groups") or evaluate.GROUP_NAMES
+    if len(train_y.unique()) < 2:
+        sys.exit(f"error: {c.data_dir} has one class in its train split: a classifier needs two")
+    if c.mode != "full" and c.n_labeled < num_classes:
+        sys.exit(f"error: --n_labeled={c.n_labeled}: at least one labelled image per class ({num_classes} classes)")
     everything = torch.arange(len(train_y))
     try:
         lab = everything if c.mode == "full" else labeled_subset(train_y, c.n_labeled, num_classes, c.seed)
@@ -298,121 +306,126 @@ def train(cfg):
     gen_aug = torch.Generator(dev).manual_seed(c.seed + 1_000_003 * rank)  # augmentation draws, one stream per rank
     lab_batches, unlab_batches = Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx)
 
-    start, best, best_step, history, losses = 0, -math.inf, 0, [], []
-    last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
-    if c.resume and os.path.exists(last_path):
-        saved, _, state = model.load_checkpoint(last_path, device=dev)
-        ema.load_state_dict(saved.state_dict())
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        model.set_rng_states(state["rng"], gen_aug, dev, rank)
-        gen_idx.set_state(state["batch_order"])
-        lab_batches.queue, unlab_batches.queue = state["queues"]
-        start, best, best_step, history, losses = (state[k] for k in ("step", "best", "best_step", "history",
-                                                                        "losses"))
-        if master:
-            print(f"resuming {last_path} after step {start}")
-    elif c.resume and master:
-        print(f"resume=true but no {last_path} yet: starting from scratch")
-    forward = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None) \
-        if world > 1 else net
-
-    ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta),
-                 "n_labeled": len(lab), "labeled_indices": lab.tolist() if c.mode != "full" else None}
-    if master:
-        os.makedirs(c.out_dir, exist_ok=True)
-
-    def save_last(step):  # a collective (the RNG states of every rank): all ranks call it
-        rng = model.rng_states(gen_aug, dev, world)
-        if master:
-            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "rng": rng, "batch_order": gen_idx.get_state(),
-                     "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
-                     "history": history, "losses": losses}
-            model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
-                                                   else None}, state=state)
-            write_log(history, c.out_dir)
-
-    ramp_steps, size, mine = c.rampup * c.steps, c.img_size, slice(rank * b, (rank + 1) * b)
-    augment = (lambda x: data.prepare(x, size)) if aug_kw is None else \
-        (lambda x: data.augment(x, size, generator=gen_aug, **aug_kw))
-    end = min(c.steps, c.stop_after) if c.stop_after else c.steps
-    bar = tqdm(range(start + 1, end + 1), desc=f"{c.mode} s{c.seed}", dynamic_ncols=True, disable=not master)
-    t0, seen = time.time(), 0
-    for step in bar:
-        net.train()
-        idx = next(lab_batches)[mine].to(dev)
-        xl = augment(train_x[idx])
-        pl = F.one_hot(train_y[idx], num_classes).float()
-        with autocast:
-            if c.mode == "mixmatch":
-                xu = train_x[next(unlab_batches)[mine].to(dev)]
-                views = [augment(xu) for _ in range(c.K)]
-                q = guess_labels(net, views, c.T)
-                x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
-                if c.mixup:
-                    x, p = mix(x, p, c.alpha)
-                logits = forward(x)  # one forward over all rows: BN statistics see labelled and unlabelled together
-                loss_x, loss_u = soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
-                w_u = c.lambda_u * rampup_weight(step, ramp_steps)
-                loss = loss_x + w_u * loss_u
-            else:
-                loss = loss_x = soft_cross_entropy(forward(xl), pl)
-                loss_u, w_u = torch.zeros((), device=dev), 0.0
-        pair = torch.stack([loss_x.detach(), loss_u.detach()])
-        if world > 1:
-            dist.all_reduce(pair)
-            pair /= world
-        lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
-        if not (math.isfinite(lx) and math.isfinite(lu)):
-            sys.exit(f"error: non-finite loss at step {step}; {last_path} holds the last saved state")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients: the global batch's mean loss
-        optimizer.step()
-        ema_update(ema, net, c.ema_decay, step)
-        with torch.no_grad():
-            torch._foreach_mul_(decayed, 1 - c.weight_decay * c.lr)
-        losses.append([lx, lu])
-        seen += c.batch_size * (1 + c.K * (c.mode == "mixmatch"))
-        bar.set_postfix(lx=f"{lx:.3f}", lu=f"{lu:.4f}", w_u=f"{w_u:.1f}", img_s=f"{seen / (time.time() - t0):.0f}")
-
-        evaluating = step % c.eval_every == 0 or step == c.steps
-        if evaluating:
-            m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world) for m in (ema, net))
-            lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
-            losses = []
-            history.append({"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
-                            "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score")
-                                    if k in m_raw}})
-            score = evaluate.selection_score(m_ema, c.select)
-            improved = score > best
-            if improved:
-                best, best_step = score, step
+    with model.run_dir(c.out_dir, c.resume, c.force, master):
+        start, best, best_step, history, losses = 0, -math.inf, 0, [], []
+        last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
+        configs = [cfg]  # every config this run was started or resumed with, oldest first (kept in last.safetensors)
+        if c.resume and os.path.exists(last_path):
+            state = model.resume_state(last_path, cfg, RESUME_MUST_MATCH, master)
+            ema.load_state_dict(state["weights"])
+            configs = state.get("configs", []) + [cfg]
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            model.set_rng_states(state["rng"], gen_aug, dev, rank)
+            gen_idx.set_state(state["batch_order"])
+            lab_batches.queue, unlab_batches.queue = state["queues"]
+            start, best, best_step, history, losses = (state[k] for k in ("step", "best", "best_step", "history",
+                                                                            "losses"))
             if master:
-                fair = f" fair {m_ema['fair_score']:.4f}" if "fair_score" in m_ema else ""
-                tqdm.write(f"step {step}: val acc {m_ema['accuracy']:.4f} (raw {m_raw['accuracy']:.4f}) "
-                           f"f1 {m_ema['f1']:.4f}{fair}{' *' if improved else ''}")
-                if improved:
-                    model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": m_ema})
-                plot(history, os.path.join(c.out_dir, "curves.png"))
-        if evaluating or step == end:
-            save_last(step)
-    bar.close()
-    if end < c.steps:
-        if master:
-            print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
-        return None
+                print(f"resuming {last_path} after step {start}")
+        elif c.resume and master:
+            print(f"resume=true but no {last_path} yet: starting from scratch")
+        forward = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None) \
+            if world > 1 else net
 
-    if world > 1:
-        dist.barrier()  # rank 0 wrote best.safetensors
-    best_model, _, _ = model.load_checkpoint(best_path, device=dev)
-    test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, **loader_kw)
-    test = split_metrics(best_model, test_loader, size, group_names, world)
-    if master:
-        write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
-        print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
-              + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
-    return test
+        ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta),
+                     "n_labeled": len(lab), "labeled_indices": lab.tolist() if c.mode != "full" else None}
+
+        def save_last(step):  # a collective (the RNG states of every rank): all ranks call it
+            rng = model.rng_states(gen_aug, dev, world)
+            if master:
+                state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "rng": rng, "batch_order": gen_idx.get_state(),
+                         "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
+                         "history": history, "losses": losses, "configs": configs}
+                model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
+                                                       else None}, state=state)
+                write_log(history, c.out_dir)
+
+        ramp_steps, size, mine = c.rampup * c.steps, c.img_size, slice(rank * b, (rank + 1) * b)
+        augment = (lambda x: data.prepare(x, size)) if aug_kw is None else \
+            (lambda x: data.augment(x, size, generator=gen_aug, **aug_kw))
+        end = min(c.steps, c.stop_after) if c.stop_after else c.steps
+        bar = tqdm(range(start + 1, end + 1), desc=f"{c.mode} s{c.seed}", dynamic_ncols=True, disable=not master)
+        t0, seen = time.time(), 0
+        for step in bar:
+            if model.stop_requested(world, dev):
+                bar.close()
+                kept = f"{last_path} holds step {history[-1]['step']}" if history else "nothing was saved yet"
+                sys.exit(f"stopped by a signal at step {step}: {kept}; continue with --resume=true")
+            net.train()
+            idx = next(lab_batches)[mine].to(dev)
+            xl = augment(train_x[idx])
+            pl = F.one_hot(train_y[idx], num_classes).float()
+            with autocast:
+                if c.mode == "mixmatch":
+                    xu = train_x[next(unlab_batches)[mine].to(dev)]
+                    views = [augment(xu) for _ in range(c.K)]
+                    q = guess_labels(net, views, c.T)
+                    x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
+                    if c.mixup:
+                        x, p = mix(x, p, c.alpha)
+                    logits = forward(x)  # one forward over all rows: BN statistics see labelled and unlabelled together
+                    loss_x, loss_u = soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
+                    w_u = c.lambda_u * rampup_weight(step, ramp_steps)
+                    loss = loss_x + w_u * loss_u
+                else:
+                    loss = loss_x = soft_cross_entropy(forward(xl), pl)
+                    loss_u, w_u = torch.zeros((), device=dev), 0.0
+            pair = torch.stack([loss_x.detach(), loss_u.detach()])
+            if world > 1:
+                dist.all_reduce(pair)
+                pair /= world
+            lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
+            if not (math.isfinite(lx) and math.isfinite(lu)):
+                sys.exit(f"error: non-finite loss at step {step}; {last_path} holds the last saved state")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients: the global batch's mean loss
+            optimizer.step()
+            ema_update(ema, net, c.ema_decay, step)
+            with torch.no_grad():
+                torch._foreach_mul_(decayed, 1 - c.weight_decay * c.lr)
+            losses.append([lx, lu])
+            seen += c.batch_size * (1 + c.K * (c.mode == "mixmatch"))
+            bar.set_postfix(lx=f"{lx:.3f}", lu=f"{lu:.4f}", w_u=f"{w_u:.1f}", img_s=f"{seen / (time.time() - t0):.0f}")
+
+            evaluating = step % c.eval_every == 0 or step == c.steps
+            if evaluating:
+                m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world) for m in (ema, net))
+                lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
+                losses = []
+                history.append({"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
+                                "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score")
+                                        if k in m_raw}})
+                score = evaluate.selection_score(m_ema, c.select)
+                improved = score > best
+                if improved:
+                    best, best_step = score, step
+                if master:
+                    fair = f" fair {m_ema['fair_score']:.4f}" if "fair_score" in m_ema else ""
+                    tqdm.write(f"step {step}: val acc {m_ema['accuracy']:.4f} (raw {m_raw['accuracy']:.4f}) "
+                               f"f1 {m_ema['f1']:.4f}{fair}{' *' if improved else ''}")
+                    if improved:
+                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": m_ema})
+                    plot(history, os.path.join(c.out_dir, "curves.png"))
+            if evaluating or step == end:
+                save_last(step)
+        bar.close()
+        if end < c.steps:
+            if master:
+                print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
+            return None
+
+        if world > 1:
+            dist.barrier()  # rank 0 wrote best.safetensors
+        best_model, _, _ = model.load_checkpoint(best_path, device=dev)
+        test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, **loader_kw)
+        test = split_metrics(best_model, test_loader, size, group_names, world)
+        if master:
+            write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
+            print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
+                  + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
+        return test
 
 
 def write_log(rows, out_dir):
@@ -480,7 +493,20 @@ def run_table(cfg):
 def parse_config(argv):
     """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
     cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
-    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)  # checked now, not at the first batch
+    # every check that needs no data runs now, before anything is loaded
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)
+    need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
+    for key in ("lr", "T", "alpha"):
+        need(key, lambda v: v > 0, "must be > 0")
+    for key in ("batch_size", "eval_batch_size", "steps", "eval_every", "K", "img_size", "small_width",
+                "table_seeds"):
+        need(key, lambda v: v >= 1, "must be >= 1")
+    for key in ("weight_decay", "lambda_u", "stop_after"):
+        need(key, lambda v: v >= 0, "must be >= 0")
+    need("rampup", lambda v: 0 <= v <= 1, "a fraction of steps, in [0, 1]")
+    need("ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    if cfg["mode"] != "full":
+        need("n_labeled", lambda v: v >= 1, "at least one labelled image per class (mode=full uses every label)")
     return cfg
 
 

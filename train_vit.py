@@ -42,6 +42,7 @@ from sing import SING
 data_dir = "data/celeba"  # a data.py output folder
 out_dir = "runs/vit"  # where the checkpoints, log.jsonl and curves.png go
 resume = False  # continue from out_dir/last.safetensors if it exists
+force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
 sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
 sweep_dir = "runs/sweep"  # the sweep's folder (its own, so a sweep never overwrites a `make train` run)
 select = "fair"  # the validation metric that picks best.safetensors: fair | worst_group | accuracy
@@ -93,6 +94,9 @@ PRESETS = {
                  weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce", augment="weak"),
 }
 PRESETS["seed_recipe"] = PRESETS["recipe"]  # its earlier name
+# what a resumed run must share with the saved one (architecture, optimizer, data, batch order); the rest may change
+RESUME_MUST_MATCH = ("data_dir", "init", "pretrained", "arch", "dim", "depth", "heads", "patch_size", "img_size",
+                     "opt", "batch_size", "seed", "sampler", "train_groups")
 NO_DECAY = ("bias", "bn", "norm", "layernorm")  # the original's no-decay name patterns: biases and norm layers
 
 
@@ -109,10 +113,14 @@ def param_groups(net, weight_decay):
 def build_model(c, num_classes):
     if c.init == "dino":
         try:
-            return model.load_pretrained(c.pretrained, img_size=c.img_size, num_classes=num_classes,
-                                         drop_path=c.drop_path)
+            net = model.load_pretrained(c.pretrained, img_size=c.img_size, num_classes=num_classes,
+                                        drop_path=c.drop_path)
         except (OSError, RuntimeError, ValueError) as e:
             sys.exit(f"error: {e}")
+        if c.img_size % net.cfg.patch_size:
+            sys.exit(f"error: --img_size={c.img_size}: must be a multiple of {c.pretrained}'s patch size "
+                     f"{net.cfg.patch_size}")
+        return net
     sizes = {k: getattr(c, k) for k in ("dim", "depth", "heads", "patch_size") if getattr(c, k)}
     cfg = replace(model.PRESETS[c.arch], img_size=c.img_size, num_classes=num_classes, drop_path=c.drop_path, **sizes)
     return model.ViT(cfg)
@@ -206,6 +214,9 @@ def train(cfg):
         sys.exit(f"error: {e}")
     group_names = meta["groups"] or evaluate.GROUP_NAMES
     fair = evaluate.has_both_groups(val_groups)
+    train_labels = {cell["label"] for cell in meta["splits"]["train"]["cells"]}
+    if len(meta["classes"]) < 2 or len(train_labels) < 2:
+        sys.exit(f"error: {c.data_dir} has {len(train_labels)} class in its train split: a classifier needs two")
     if c.select != "accuracy" and not fair:
         sys.exit(f"error: select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
@@ -222,105 +233,115 @@ def train(cfg):
         cell_weights = torch.tensor(configurator.cast("group_weights", c.group_weights, (1.0,) * 4), device=device)
         if len(meta["classes"]) != 2 or not fair:
             sys.exit(f"error: group_weights={c.group_weights} needs a data set with 2 classes and 2 groups")
+    n_train = meta["splits"]["train"]["n"] if indices is None else len(indices)
+    if n_train // world < c.batch_size // world:
+        sys.exit(f"error: --batch_size={c.batch_size} is larger than the {n_train} training samples; lower it")
     aug_kw = {**(data.AUGMENTS[c.augment] or {}),
               **configurator.parse_kw("augment_kw", c.augment_kw, data.AUGMENT_PARAMS)}
 
-    torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    net = build_model(c, len(meta["classes"])).to(device)
-    torch.manual_seed(c.seed + 1_000_003 * rank)  # drop-path masks: a different stream per rank
-    aug_gen = torch.Generator(device=device).manual_seed(c.seed + 1_000_003 * rank)  # a different stream per rank
-    loader_kw = dict(device=device, backend=c.backend, rank=rank, world_size=world)
-    train_loader = data.make_loader(c.data_dir, "train", c.batch_size // world, train=True, seed=c.seed,
-                                    indices=indices, **loader_kw)
-    val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, **loader_kw)
+    with model.run_dir(c.out_dir, c.resume, c.force, master):
+        torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        net = build_model(c, len(meta["classes"])).to(device)
+        torch.manual_seed(c.seed + 1_000_003 * rank)  # drop-path masks: a different stream per rank
+        aug_gen = torch.Generator(device=device).manual_seed(c.seed + 1_000_003 * rank)  # a different stream per rank
+        loader_kw = dict(device=device, backend=c.backend, rank=rank, world_size=world)
+        train_loader = data.make_loader(c.data_dir, "train", c.batch_size // world, train=True, seed=c.seed,
+                                        indices=indices, **loader_kw)
+        val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, **loader_kw)
 
-    groups_of_params = param_groups(net, c.weight_decay)
-    params = [p for group in groups_of_params for p in group["params"]]
-    if c.opt == "sing":
-        optimizer = SING(groups_of_params, lr=c.lr)
-    else:
-        optimizer = torch.optim.AdamW(groups_of_params, lr=c.lr, fused=cuda)  # fused kernels exist for CUDA only
+        groups_of_params = param_groups(net, c.weight_decay)
+        params = [p for group in groups_of_params for p in group["params"]]
+        if c.opt == "sing":
+            optimizer = SING(groups_of_params, lr=c.lr)
+        else:
+            optimizer = torch.optim.AdamW(groups_of_params, lr=c.lr, fused=cuda)  # fused kernels exist for CUDA only
 
-    iters = len(train_loader)
-    total = iters * c.epochs
-    start_epoch, best, history = 0, -math.inf, []
-    last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
-    if c.resume and os.path.exists(last_path):
-        saved, _, state = model.load_checkpoint(last_path, device=device)
-        net.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        model.set_rng_states(state["rng"], aug_gen, device, rank)
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        iters = len(train_loader)
+        total = iters * c.epochs
+        start_epoch, best, history = 0, -math.inf, []
+        last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
+        configs = [cfg]  # every config this run was started or resumed with, oldest first (kept in last.safetensors)
+        if c.resume and os.path.exists(last_path):
+            state = model.resume_state(last_path, cfg, RESUME_MUST_MATCH, master)
+            net.load_state_dict(state.pop("weights"))
+            optimizer.load_state_dict(state["optimizer"])
+            model.set_rng_states(state["rng"], aug_gen, device, rank)
+            start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+            configs = state.get("configs", []) + [cfg]
+            if master:
+                print(f"resuming {last_path} after epoch {start_epoch}")
+        elif c.resume and master:
+            print(f"resume=true but no {last_path} yet: starting from scratch")
+
+        ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 \
+            else net
+        forward = torch.compile(ddp_net) if c.compile and cuda else ddp_net
+        ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta)}
         if master:
-            print(f"resuming {last_path} after epoch {start_epoch}")
-    elif c.resume and master:
-        print(f"resume=True but no {last_path} yet: starting from scratch")
+            print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
+                  f" epochs, global batch {c.batch_size} on {world} x {device}")
 
-    ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 \
-        else net
-    forward = torch.compile(ddp_net) if c.compile and cuda else ddp_net
-    ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta)}
-    if master:
-        os.makedirs(c.out_dir, exist_ok=True)
-        print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
-              f" epochs, global batch {c.batch_size} on {world} x {device}")
+        end_epoch = min(c.epochs, c.stop_after) if c.stop_after else c.epochs
+        for epoch in range(start_epoch, end_epoch):
+            net.train()
+            train_loader.set_epoch(epoch)
+            t0, loss_sum, n_seen, gnorms = time.time(), 0.0, 0, []
+            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not master, leave=False)
+            for i, (x, y, g) in enumerate(bar):
+                if model.stop_requested(world, device):
+                    bar.close()
+                    kept = f"{last_path} holds epoch {epoch}" if epoch else "no epoch had finished"
+                    sys.exit(f"stopped by a signal in epoch {epoch + 1}: {kept}; continue with --resume=true")
+                lr_now = lr_at(c, epoch * iters + i, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+                inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment != "none" else \
+                    data.prepare(x, c.img_size)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    logits = forward(inputs)
+                loss = loss_fn(c, logits.float(), y, g, cell_weights)
+                optimizer.zero_grad(set_to_none=True)
+                (loss * world).backward()  # DDP averages gradients over ranks; the recipe sums over the global batch
+                # measured before the step: SING overwrites p.grad with the centred, normalised gradient
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+                loss_val = loss.item()
+                if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
+                    sys.exit(f"error: non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration "
+                             f"{i}; stopped before the update, {last_path} keeps the last good epoch")
+                optimizer.step()
+                loss_sum, n_seen = loss_sum + loss_val, n_seen + len(y)
+                gnorms.append(gnorm)
+                bar.set_postfix(loss=f"{loss_val / len(y):.4f}", img_s=f"{n_seen * world / (time.time() - t0):.0f}")
+            train_time = time.time() - t0
+            totals = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(totals)
 
-    end_epoch = min(c.epochs, c.stop_after) if c.stop_after else c.epochs
-    for epoch in range(start_epoch, end_epoch):
-        net.train()
-        train_loader.set_epoch(epoch)
-        t0, loss_sum, n_seen, gnorms = time.time(), 0.0, 0, []
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not master, leave=False)
-        for i, (x, y, g) in enumerate(bar):
-            lr_now = lr_at(c, epoch * iters + i, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment != "none" else \
-                data.prepare(x, c.img_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = forward(inputs)
-            loss = loss_fn(c, logits.float(), y, g, cell_weights)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages gradients over ranks; the recipe sums over the global batch
-            # measured before the step: SING overwrites p.grad with the centred, normalised gradient
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-            loss_val = loss.item()
-            if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
-                sys.exit(f"error: non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration {i};"
-                         f" stopped before the update, {last_path} keeps the last good epoch")
-            optimizer.step()
-            loss_sum, n_seen = loss_sum + loss_val, n_seen + len(y)
-            gnorms.append(gnorm)
-            bar.set_postfix(loss=f"{loss_val / len(y):.4f}", img_s=f"{n_seen * world / (time.time() - t0):.0f}")
-        train_time = time.time() - t0
-        totals = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(totals)
-
-        scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world)
-        metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
-        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
-                  "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
-                  "img_per_s": totals[1].item() / train_time, "time_s": time.time() - t0, **metrics}
-        history.append(record)
-        score = evaluate.selection_score(metrics, c.select)
-        improved = score > best
-        best = max(best, score)
-        rng = model.rng_states(aug_gen, device, world)  # a collective: every rank takes part
-        if master:
-            if improved:
-                model.save_checkpoint(best_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics})
-            model.save_checkpoint(last_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics},
-                                  state={"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch,
-                                         "best": best, "history": history})
-            model.write_atomic(os.path.join(c.out_dir, "log.jsonl"),
-                               lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
-            plot_curves(history, os.path.join(c.out_dir, "curves.png"))
-            groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
-            print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} | val acc {metrics['accuracy']:.4f} "
-                  f"{groups_txt} | fair {metrics.get('fair_score', float('nan')):.4f}{' *' if improved else ''} | "
-                  f"grad norm {record['grad_norm']:.3g} | {record['img_per_s']:.0f} img/s")
-    return max(history, key=lambda h: evaluate.selection_score(h, c.select)) if history else None
+            scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world)
+            metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
+            record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
+                      "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
+                      "img_per_s": totals[1].item() / train_time, "time_s": time.time() - t0, **metrics}
+            history.append(record)
+            score = evaluate.selection_score(metrics, c.select)
+            improved = score > best
+            best = max(best, score)
+            rng = model.rng_states(aug_gen, device, world)  # a collective: every rank takes part
+            if master:
+                if improved:
+                    model.save_checkpoint(best_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics})
+                model.save_checkpoint(last_path, net, meta={**ckpt_meta, "epoch": epoch + 1, "metrics": metrics},
+                                      state={"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch,
+                                             "best": best, "history": history,
+                                             "configs": configs})
+                model.write_atomic(os.path.join(c.out_dir, "log.jsonl"),
+                                   lambda tmp: Path(tmp).write_text("".join(json.dumps(h) + "\n" for h in history)))
+                plot_curves(history, os.path.join(c.out_dir, "curves.png"))
+                groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
+                print(f"epoch {epoch + 1}: loss {record['train_loss']:.4f} | val acc {metrics['accuracy']:.4f} "
+                      f"{groups_txt} | fair {metrics.get('fair_score', float('nan')):.4f}{' *' if improved else ''} | "
+                      f"grad norm {record['grad_norm']:.3g} | {record['img_per_s']:.0f} img/s")
+        return max(history, key=lambda h: evaluate.selection_score(h, c.select)) if history else None
 
 
 SWEEP_COLUMNS = ("fair_score", "worst_group_accuracy", "equalized_odds_difference", "accuracy")
@@ -355,9 +376,25 @@ def write_sweep(results, path):
 def parse_config(argv):
     """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
     cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
-    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)  # checked now, not at the first batch
+    # every check that needs no data runs now, before anything is loaded
+    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)
     if cfg["group_weights"]:
         configurator.cast("group_weights", cfg["group_weights"], (1.0,) * 4)
+    need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
+    need("lr", lambda v: v > 0, "the learning rate must be > 0")
+    for key in ("batch_size", "eval_batch_size", "epochs", "img_size"):
+        need(key, lambda v: v >= 1, "must be >= 1")
+    for key in ("weight_decay", "stop_after", "dim", "depth", "heads", "patch_size", "focal_gamma"):
+        need(key, lambda v: v >= 0, "must be >= 0")
+    for key in ("warmup", "drop_path"):
+        need(key, lambda v: 0 <= v < 1, "must be in [0, 1)")
+    need("smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    need("train_groups", lambda v: all(p.strip().isdigit() for p in v.split(",")) if v else True,
+         "comma-separated group ids, e.g. 0 (women) or 0,1")
+    need("arch", lambda v: v in model.PRESETS, f"one of {', '.join(model.PRESETS)}")
+    if cfg["init"] == "scratch":  # (init=dino: the patch size comes with the weights, checked once they are read)
+        patch = cfg["patch_size"] or model.PRESETS[cfg["arch"]].patch_size
+        need("img_size", lambda v: v % patch == 0, f"must be a multiple of the patch size {patch}")
     return cfg
 
 

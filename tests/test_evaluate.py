@@ -264,7 +264,12 @@ def test_cli_errors(tiny, tmp_path):
     assert "predicts 3 classes" in cli_error("--ckpt", other, "--data", data_dir)
     big = str(tmp_path / "big.safetensors")  # trained on 80x80 images, asked to score 32x32 ones
     model.save_checkpoint(big, model.load_checkpoint(ckpt)[0], meta={"data": {"image_size": [80, 80]}})
-    assert "trained on [80, 80] images" in cli_error("--ckpt", big, "--data", data_dir)
+    assert "image_size [80, 80] vs [32, 32]" in cli_error("--ckpt", big, "--data", data_dir)
+    other_task = str(tmp_path / "task.safetensors")  # same shape, another criterion and class names
+    model.save_checkpoint(other_task, model.load_checkpoint(ckpt)[0],
+                          meta={"data": {"classes": ["no mask", "mask"], "criterion": "Mask"}})
+    message = cli_error("--ckpt", other_task, "--data", data_dir)
+    assert "another task" in message and "classes ['no mask', 'mask'] vs" in message and "criterion Mask vs" in message
     assert not (tmp_path / "out").exists()
 
 

@@ -183,6 +183,27 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypa
     assert (tmp_path / "last.safetensors").read_bytes() == good
 
 
+def test_signal_stops_between_steps_and_resume_finishes_the_run(tiny_data, reference_run, tmp_path, monkeypatch):
+    # SIGTERM / Ctrl-C set model.STOP (model.run_dir's handler); here it "arrives" during epoch 2's first step
+    real, calls = train_vit.loss_fn, []
+
+    def loss_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 21:  # 320 images / batch 16 = 20 steps per epoch: the first step of epoch 2
+            model.STOP.set()
+        return real(*args)
+
+    monkeypatch.setattr(train_vit, "loss_fn", loss_then_signal)
+    with pytest.raises(SystemExit) as e:
+        run(tiny_data, tmp_path)
+    assert str(e.value.code) == (f"stopped by a signal in epoch 2: {tmp_path / 'last.safetensors'} holds epoch 1; "
+                                 "continue with --resume=true")
+    assert len(read_log(tmp_path)) == 1 and not (tmp_path / ".lock").exists()
+    monkeypatch.setattr(train_vit, "loss_fn", real)
+    run(tiny_data, tmp_path, "--resume=true")
+    assert read_log(tmp_path) == read_log(reference_run)  # as if nothing had happened
+
+
 def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
     # same global batch (16 = 2 x 8), no augmentation (each rank draws its own), rank-strided data shards
     args = [*TINY, f"--data={tiny_data}", "--augment=none"]
