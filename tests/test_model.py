@@ -3,7 +3,6 @@ position-embedding interpolation conventions, the Hub loader (hf_hub_download mo
 
 import argparse
 import os
-import pickle
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 import model
-from model import PRESETS, ViT, load_checkpoint, load_pretrained, resize_pos_embed, save_checkpoint
+from model import PRESETS, ViT, ViTConfig, load_checkpoint, load_pretrained, resize_pos_embed, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = 2
@@ -273,8 +272,22 @@ def test_local_bin_nested_and_prefixed_loads_but_pickled_objects_are_refused(tm,
     with torch.no_grad():
         assert_close(ours.forward_features(images(224, 224)), ref.forward_features(images(224, 224))[:, 0])
     torch.save({"args": argparse.Namespace(arch="vit_small"), **sd}, tmp_path / "full.pth")  # DINO full checkpoint
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="full.pth: holds Python objects other than tensors"):
         load_pretrained(tmp_path / "full.pth")
+
+
+def test_head_count_is_never_guessed(tmp_path):
+    # a 4-head width-128 model: dim // 64 would say 2 heads and give other outputs without any error
+    net = randomise_(ViT(ViTConfig(img_size=32, dim=128, depth=1, heads=4)))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="cannot tell its number of attention heads .* pass heads=N"):
+        load_pretrained(tmp_path / "w.safetensors")
+    loaded = load_pretrained(tmp_path / "w.safetensors", heads=4).eval()
+    with torch.no_grad():
+        assert_close(loaded.forward_features(images(32, 32)), net.forward_features(images(32, 32)))
+    # our own checkpoints carry the count in their metadata
+    save_checkpoint(tmp_path / "ours.safetensors", net)
+    assert load_pretrained(tmp_path / "ours.safetensors").cfg.heads == 4
 
 
 def test_bad_keys_are_named(tm, tmp_path):
