@@ -1,4 +1,5 @@
-"""bench.py without the benchmarks themselves (minutes each): its baselines, its command line and its report."""
+"""bench.py without the benchmarks themselves (minutes each): its timing and statistics, FLOP counting and peaks, its
+baselines, its command line and its report. No timing assertions: speed targets live in `make bench`."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import bench
@@ -32,23 +34,97 @@ def test_export_image_folder_writes_every_image_under_its_label(tiny_data, tmp_p
     assert sum(len(os.listdir(tmp_path / d)) for d in os.listdir(tmp_path)) == len(x)
 
 
+def test_interleaved_rounds_alternate_and_the_ratio_is_the_median_of_pairs():
+    calls = []
+    fns = {"a": lambda: calls.append("a") or 4, "b": lambda: calls.append("b") or 2}
+    rates = bench.interleaved(fns, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(v) for v in rates.values()] == [3, 3]
+    assert all(r > 0 for v in rates.values() for r in v)
+    results = {}
+    r = bench.row(results, "toy", [4.0, 6.0, 10.0, 3.0, 9.0], [2.0, 2.0, 2.0, 1.0, 1.0])  # ratios 2, 3, 5, 3, 9
+    assert (r["ratio"], r["ratio_min"], r["ratio_max"], r["ratio_q1"], r["ratio_q3"], r["pairs"]) == (3, 2, 9, 3, 5, 5)
+    assert (r["ours"], r["baseline"]) == (6.0, 2.0)  # medians of each side
+    assert bench.row(results, "one peak", [50.0, 100.0], 200.0)["ratio"] == 0.375  # a single baseline for all rounds
+    assert bench.row(results, "no baseline", 7.0, None, unit="s")["ratio"] is None
+    with pytest.raises(ValueError):
+        bench.row(results, "unpaired", [1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_flops_are_counted_on_the_cpu_attention_too():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8, requires_grad=True)
+    assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 2 * 8 * 4  # forward, grad input, grad weight
+    q = torch.randn(1, 2, 5, 8)
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * 2 * 5 * 5 * 8)
+
+
+def test_the_three_vits_are_one_model():
+    trio = bench.vit_trio(16, depth=2)  # the bench's have 12 blocks: 21.4M parameters
+    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in trio.items()}
+    # 2 blocks of 1,774,464 + patch conv, CLS, 4 + 1 positions, final norm and head
+    assert len(set(counts.values())) == 1 and counts["ours"] == 2 * 1_774_464 + 77_954, counts
+    cfg = trio["transformers"].net.config
+    assert (cfg.layer_norm_eps, cfg._attn_implementation, cfg.qkv_bias) == (1e-12, "sdpa", True)
+    cpu = torch.device("cpu")
+    flops = {name: bench.count_flops(bench.train_step_fn(net, 2, 16, cpu)) for name, net in trio.items()}
+    assert len(set(flops.values())) == 1, flops
+
+
+def test_cpu_peak_is_cores_clock_and_isa():
+    info = "vendor_id\t: {}\ncpu family\t: {}\ncpu MHz\t\t: 2500.000\nflags\t\t: fpu sse2 {}\n"
+    peak, how = bench.cpu_peak(info.format("AuthenticAMD", 25, "avx avx2 fma avx512f"), cores=2)
+    if os.path.exists("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"):
+        return  # this machine's own max clock wins over the text's
+    assert peak == 2 * 2.5 * 32 and "2 cores" in how and "cpu MHz" in how
+    assert bench.cpu_peak(info.format("GenuineIntel", 6, "avx avx2 fma avx512f"), cores=4)[0] == 4 * 2.5 * 64
+    assert bench.cpu_peak(info.format("GenuineIntel", 6, "avx avx2 fma"), cores=1)[0] == 2.5 * 32
+    assert bench.cpu_peak("processor : 0\n", cores=1)[0] is None
+    assert bench.gpu_peak("NVIDIA H100 PCIe")[0] == 756 and bench.gpu_peak("NVIDIA H200")[0] == 989
+    assert bench.gpu_peak("Some GPU") == (None, "peak unknown for Some GPU (bench.PEAK_BF16_TFLOPS lists "
+                                          + ", ".join(bench.PEAK_BF16_TFLOPS) + ")")
+
+
 def test_cli_settings_and_report(tmp_path, capsys):
     run = bench.settings(bench.CONFIG | {"quick": True, "only": "augment,model", "device": "cpu",
                                          "out_dir": str(tmp_path)}, ["--quick", "--only=augment,model"])
     full = bench.settings(bench.CONFIG | {"device": "cpu"})
-    assert run.only == ["augment", "model"] and run.n < full.n and run.repeats < full.repeats
+    assert run.only == ["augment", "model"] and run.n < full.n and run.pairs_augment < full.pairs_augment
     assert run.command == "python bench.py --quick --only=augment,model"
+    assert bench.settings(bench.CONFIG | {"device": "cpu", "pairs": 4}).pairs_model == 4
     results = {}
-    bench.row(results, "augment: test", 300.0, 100.0)
+    bench.row(results, "augment: test", [300.0, 330.0], [100.0, 100.0])
+    bench.row(results, "model: flops", 50.0, 100.0, unit="GFLOP/s", note="peak by a method")
     bench.write_report(results, run, 90.0)
-    assert json.loads((tmp_path / "bench.json").read_text())["augment: test"]["ratio"] == 3.0
+    saved = json.loads((tmp_path / "bench.json").read_text())["augment: test"]
+    assert (saved["ratio"], saved["ratio_min"], saved["ratio_max"], saved["pairs"]) == (3.15, 3.0, 3.3, 2)
     md = (tmp_path / "bench.md").read_text()
-    assert "`python bench.py --quick --only=augment,model`" in md and "| augment: test | 300.0 | 100.0 |" in md
+    assert "`python bench.py --quick --only=augment,model`" in md
+    assert "| augment: test | 315.0 | 100.0 | img/s | **3.15x** | 3.0-3.3 |" in md and "- model: flops: peak by" in md
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "bench.md"]
-    for argv, wanted in ((["--only=augment,speed"], "--only=augment,speed"), (["--quik"], "did you mean --quick")):
+    for argv, wanted in ((["--only=augment,speed"], "--only=augment,speed"), (["--quik"], "did you mean --quick"),
+                         (["--pairs=-1"], "--pairs=-1")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert str(e.value.code).startswith("error: ") and wanted in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         bench.main(["--help"])
     assert e.value.code == 0 and "--only=loader,augment,model,e2e" in capsys.readouterr().out
+
+
+def test_main_runs_only_what_it_is_asked(tmp_path, monkeypatch):
+    """`bench.py --quick --only=augment --device=cpu` end to end, with the benchmark itself stubbed out."""
+    seen = {}
+    monkeypatch.setattr(bench, "make_synthetic", lambda root, n: seen.setdefault("n", n) and "unused")
+    images = torch.zeros(300, 3, 8, 8, dtype=torch.uint8)
+    monkeypatch.setattr(bench.data, "load_split", lambda data_dir, split: (images,))
+
+    def fake_augment(results, x, run):
+        seen["x"], seen["pairs"] = x.shape, run.pairs_augment
+        bench.row(results, "augment: stub", [2.0, 4.0], [1.0, 1.0])
+    monkeypatch.setattr(bench, "bench_augment", fake_augment)
+    for name in ("bench_loaders", "bench_model", "bench_end_to_end"):
+        monkeypatch.setattr(bench, name, lambda *a: pytest.fail("not asked for"))
+    bench.main(["--quick", "--only=augment", "--device=cpu", f"--out_dir={tmp_path}"])
+    quick = bench.settings(bench.CONFIG | {"quick": True, "device": "cpu"})
+    assert seen == {"n": 300, "x": (256, 3, 8, 8), "pairs": quick.pairs_augment}
+    assert json.loads((tmp_path / "bench.json").read_text())["augment: stub"]["ratio"] == 3.0

@@ -567,3 +567,75 @@ def test_cli_help_lists_sources_and_keys(tmp_path, capsys):
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     with pytest.raises(FileNotFoundError, match="meta.json"):
         data.read_meta(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# augmentation: the fast paths (an op is computed only where it was drawn) against plain references
+
+def _augment_draws(gen, B):
+    """augment()'s draws in their order, up to the blur's: -> its coins and sigma indices. Replaying them here checks
+    that the order is the documented one (crop box, crop coin, corner, flip, rotation, erase box, erase coin, corner,
+    colour coin, factors, blur coin, sigma)."""
+    r = lambda *lead: torch.rand(*lead, B, generator=gen)
+    for lead in [(10,), (10,)] + [()] * 6 + [(10,), (10,)] + [()] * 6:
+        r(*lead)
+    return r(), (r() * 10).long().clamp(max=9)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+def test_blur_of_the_drawn_samples_equals_a_plain_2d_convolution(batch, kernel):
+    x = batch[:12]
+    B, C, H, W = x.shape
+    sigma = (0.5, 2.0)
+    out = data.augment(x, W, torch.Generator().manual_seed(9),
+                       **{**OFF, "blur_p": 0.5, "blur_kernel": kernel, "blur_sigma": sigma})
+    coins, which = _augment_draws(torch.Generator().manual_seed(9), B)
+    drawn = coins < 0.5
+    assert 0 < drawn.sum() < B
+    ref = x.double()
+    taps = torch.arange(kernel) - kernel // 2
+    for i in drawn.nonzero().flatten().tolist():
+        k = torch.exp(-0.5 * (taps / torch.linspace(*sigma, 10)[which[i]].double()) ** 2)
+        k2 = (k[:, None] * k[None]) / k.sum() ** 2  # the separable kernel as one 2-D kernel, zero padding
+        ref[i] = torch.nn.functional.conv2d(ref[i:i + 1], k2.expand(C, 1, kernel, kernel), padding=kernel // 2,
+                                            groups=C)[0]
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) * 255 for v in (data.IMAGENET_MEAN,
+                                                                                     data.IMAGENET_STD))
+    ref = ((ref - mean) / std).float()
+    assert torch.allclose(out, ref, atol=1e-4)
+    assert torch.equal(out[~drawn], data.prepare(x[~drawn], W))  # the others untouched, bit for bit
+
+
+def test_per_sample_and_batched_ways_agree(batch, monkeypatch):
+    """The CPU computes erasing and blur only for the samples that drew them; other devices compute every sample and
+    keep the drawn ones (data._PER_SAMPLE_DEVICES). Both ways, run here on the CPU, give the same batch."""
+    x = batch.repeat(2, 1, 1, 1)
+
+    def both(**kw):
+        a = data.augment(x, 48, torch.Generator().manual_seed(10), **kw)
+        with monkeypatch.context() as m:
+            m.setattr(data, "_PER_SAMPLE_DEVICES", ())
+            b = data.augment(x, 48, torch.Generator().manual_seed(10), **kw)
+        return a, b
+    a, b = both()
+    assert torch.allclose(a, b, atol=1e-4) and not torch.equal(a, data.prepare(x, 48))
+    assert torch.equal(*both(**{**OFF, "erase_p": 0.5}))
+
+
+def test_augment_draws_every_parameter_whatever_the_probabilities(batch):
+    """An op with probability 0 is skipped, but its parameters are still drawn: a seed gives the same stream (and the
+    same parameters for the other ops) under any *_p."""
+    states = []
+    for kw in ({}, OFF, data.AUGMENTS["weak"], {"blur_p": 0.0, "erase_p": 1.0}):
+        g = torch.Generator().manual_seed(11)
+        data.augment(batch, 40, g, **kw)
+        states.append(g.get_state())
+    assert all(torch.equal(states[0], s) for s in states[1:])
+
+
+def test_augment_checks_the_kernel_and_ignores_autocast(batch):
+    with pytest.raises(ValueError, match="blur_kernel=4"):
+        data.augment(batch, 32, blur_kernel=4)
+    plain = data.augment(batch, 32, torch.Generator().manual_seed(12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(data.augment(batch, 32, torch.Generator().manual_seed(12)), plain)
