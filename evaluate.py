@@ -299,14 +299,14 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
 # inference
 
 @torch.no_grad()
-def predict(net, loader, img_size, desc=None, world=1):
-    """(logits [N, C] float32, labels [N], groups [N]) on the CPU, in loader order; bf16 autocast on CUDA. Under
-    DDP (world > 1) each rank predicts its shard and every rank gets all of them, rank after rank."""
+def predict(net, loader, img_size, desc=None, world=1, amp="none"):
+    """(logits [N, C] float32, labels [N], groups [N]) on the CPU, in loader order; amp="bf16": bf16 autocast (on
+    any device). Under DDP (world > 1) each rank predicts its shard and every rank gets all of them, in rank order."""
     net.eval()
     device = next(net.parameters()).device
     scores, labels, groups = [], [], []
     for x, y, g in tqdm(loader, desc=desc, disable=desc is None, leave=False):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             logits = net(data.prepare(x, img_size))
         scores.append(logits.float().cpu())
         labels.append(y.cpu())
@@ -432,12 +432,15 @@ CLI = dict(
     push_to_hub="",  # a Hub repo id: upload model.safetensors, README.md (the card) and config.json there
     batch_size=256,  # images per forward pass
     device="auto",  # auto = cuda if available, else cpu
+    amp="none",  # autocast dtype: bf16 | none (fp32)
+    compile=False,  # torch.compile the model first (pays off on large splits on a GPU)
     n_boot=1000,  # bootstrap resamples behind the 95% CIs
 )
 
 
 def parse_args(argv):
-    cfg = configurator.parse(argv, CLI, __file__, aliases={"data": "data_dir", "out": "out_dir"}, required=("ckpt",))
+    cfg = configurator.parse(argv, CLI, __file__, aliases={"data": "data_dir", "out": "out_dir"}, required=("ckpt",),
+                             choices={"amp": ("bf16", "none")})
     if bool(cfg["data_dir"]) == bool(cfg["images"]):
         sys.exit("error: give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
     if cfg["images"] and (cfg["submit"] or cfg["card"] or cfg["push_to_hub"]):
@@ -560,6 +563,8 @@ def main(argv=None):
     cfg = net.config_dict()
     img_size = cfg["img_size"]
     device = configurator.pick_device(args.device)
+    net.to(device)
+    runner = torch.compile(net) if args.compile else net  # the model as predict() calls it
     if args.images:
         trained = ck_meta.get("data", {}).get("image_size") or [img_size, img_size]
         images, files, skipped = data.read_images(args.images, trained[0])
@@ -569,7 +574,7 @@ def main(argv=None):
             sys.exit(f"error: no readable image in --images={args.images}")
         none = torch.full((len(images),), -1)  # no labels, no groups
         batches = ((x.to(device), y, g) for x, y, g in zip(*(t.split(args.batch_size) for t in (images, none, none))))
-        scores, _, _ = predict(net.to(device), batches, img_size, desc="predict")
+        scores, _, _ = predict(runner, batches, img_size, desc="predict", amp=args.amp)
         out = args.out_dir or "predictions.csv"
         out = out if out.endswith(".csv") else os.path.join(out, "predictions.csv")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -591,9 +596,9 @@ def main(argv=None):
     names = meta.get("groups") or list(GROUP_NAMES)
     thresholds = read_thresholds(args.thresholds, names) if args.thresholds else None
 
-    net.to(device)
     loader = lambda split: data.make_loader(args.data_dir, split, args.batch_size, train=False, device=device)
-    scores, labels, groups = predict(net, loader(args.split), img_size, desc=f"predict {args.split}")
+    scores, labels, groups = predict(runner, loader(args.split), img_size, desc=f"predict {args.split}",
+                                     amp=args.amp)
     has_labels = bool((labels >= 0).all())
     fair = has_both_groups(groups)
     if not has_labels and not args.submit:
@@ -602,7 +607,8 @@ def main(argv=None):
         print(f"split '{args.split}' of {args.data_dir} does not hold both groups: overall metrics only")
     if thresholds is None and len(classes) == 2 and "val" in meta["splits"]:
         # post-processing: thresholds fitted on val (on val itself the thresholded score is optimistic)
-        val = (scores, labels, groups) if args.split == "val" else predict(net, loader("val"), img_size, "val")
+        val = (scores, labels, groups) if args.split == "val" else \
+            predict(runner, loader("val"), img_size, "val", amp=args.amp)
         if bool((val[1] >= 0).all()) and has_both_groups(val[2]):
             thresholds = fit_group_thresholds(*val)
     if args.submit_thresholds and thresholds is None:

@@ -96,13 +96,15 @@ eval_every = 256  # steps between validation passes
 eval_batch_size = 256  # validation / test batch (per rank)
 # system
 device = "auto"  # auto = cuda if available, else cpu
-amp = True  # bf16 autocast on CUDA (CPU runs stay fp32)
+amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 runs on the CPU too
+compile = False  # torch.compile the model (works on the CPU too, where it is slower)
 table = False  # supervised, mixmatch, mixmatch without mixup, full: table_seeds seeds -> out_dir/ssl_table.md
 table_seeds = 3  # seeds 0 .. table_seeds-1
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 CHOICES = {"mode": ("mixmatch", "supervised", "full"), "arch": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
-           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "vit_preset": tuple(model.PRESETS)}
+           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "vit_preset": tuple(model.PRESETS),
+           "amp": ("bf16", "none")}
 # what a resumed run must share with the saved one (architecture, optimizer, data, labelled subset); the rest may change
 RESUME_MUST_MATCH = ("data_dir", "mode", "n_labeled", "seed", "arch", "pretrained", "vit_src", "vit_preset",
                      "small_width", "img_size", "opt", "batch_size", "K")
@@ -112,7 +114,8 @@ PRESETS = {
     # steps, not the reference's 16k) collapsed to the majority class on seed 1. 8 is measured. The crop keeps at
     # least 64% of the area (80% of the side), close to the reference's 4-pixel pad-and-crop on 32x32 images.
     "cpu_small": dict(arch="small", pretrained=False, img_size=40, lr=2e-3, batch_size=64, steps=1000, eval_every=100,
-                      lambda_u=8.0, rampup=0.4, ema_decay=0.99, device="cpu", augment_kw="crop_scale=(0.64,1.0)"),
+                      lambda_u=8.0, rampup=0.4, ema_decay=0.99, device="cpu", augment_kw="crop_scale=(0.64,1.0)",
+                      amp="none"),
     # the original gender / mask experiments' backbone, ImageNet weights
     "wrn50_2": dict(arch="wrn50_2", img_size=224, lr=1e-4, batch_size=32),
 }
@@ -242,10 +245,10 @@ def build_model(c, num_classes):
     return model.ViT(dataclasses.replace(model.PRESETS[c.vit_preset], img_size=c.img_size, num_classes=num_classes))
 
 
-def split_metrics(net, loader, img_size, group_names, world):
+def split_metrics(net, loader, img_size, group_names, world, amp):
     """evaluate.py's metrics over the whole split (each rank predicts its shard); per-group accuracy and the fair
     score only where the split has both groups."""
-    scores, labels, groups = evaluate.predict(net, loader, img_size, world=world)
+    scores, labels, groups = evaluate.predict(net, loader, img_size, world=world, amp=amp)
     return evaluate.compute_metrics(scores, labels, groups, fair=evaluate.has_both_groups(groups),
                                     group_names=group_names, n_boot=0)
 
@@ -301,7 +304,7 @@ def train(cfg):
     else:
         optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
     decayed = decayed_weights(net)
-    autocast = torch.autocast("cuda", torch.bfloat16) if c.amp and dev.type == "cuda" else nullcontext()
+    autocast = torch.autocast(dev.type, torch.bfloat16) if c.amp == "bf16" else nullcontext()
     gen_idx = torch.Generator().manual_seed(c.seed)  # batch order (CPU), the same global order on every rank
     gen_aug = torch.Generator(dev).manual_seed(c.seed + 1_000_003 * rank)  # augmentation draws, one stream per rank
     lab_batches, unlab_batches = Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx)
@@ -327,6 +330,7 @@ def train(cfg):
             print(f"resume=true but no {last_path} yet: starting from scratch")
         forward = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None) \
             if world > 1 else net
+        forward = torch.compile(forward) if c.compile else forward
 
         ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta),
                      "n_labeled": len(lab), "labeled_indices": lab.tolist() if c.mode != "full" else None}
@@ -391,7 +395,7 @@ def train(cfg):
 
             evaluating = step % c.eval_every == 0 or step == c.steps
             if evaluating:
-                m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world) for m in (ema, net))
+                m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world, c.amp) for m in (ema, net))
                 lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
                 losses = []
                 history.append({"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
@@ -420,7 +424,7 @@ def train(cfg):
             dist.barrier()  # rank 0 wrote best.safetensors
         best_model, _, _ = model.load_checkpoint(best_path, device=dev)
         test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, **loader_kw)
-        test = split_metrics(best_model, test_loader, size, group_names, world)
+        test = split_metrics(best_model, test_loader, size, group_names, world, c.amp)
         if master:
             write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
             print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"

@@ -79,19 +79,22 @@ eval_batch_size = 256  # validation batch
 # system
 seed = 0  # weights, batch order, augmentation, drop-path
 device = "auto"  # auto = cuda if available, else cpu
-compile = True  # torch.compile the model on CUDA (CPU runs stay eager and fp32)
+compile = True  # torch.compile the model (works on the CPU too, where it is slower: the demo preset turns it off)
+amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 runs on the CPU too
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
+AMP = ("bf16", "none")
 CHOICES = {"init": ("dino", "scratch"), "sampler": ("random", "balanced"), "backend": ("resident", "ffcv"),
            "loss": ("bce_smooth", "ce", "focal"), "opt": ("sing", "adamw"), "select": evaluate.SELECT,
-           "augment": tuple(data.AUGMENTS)}
+           "augment": tuple(data.AUGMENTS), "amp": AMP}
 PRESETS = {
     "recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
     # make demo: a 0.83M-parameter ViT (4 blocks, width 128, 8x8 patches) from scratch at native 80x80 on data/demo.
     # From scratch and this short, it learns with crop + flip only (the full list keeps it at the trivial
     # classifier for several epochs) and at a DeiT-like lr (2e-3 was unstable past 8 epochs).
     "demo": dict(init="scratch", arch="vit_tiny", dim=128, heads=4, img_size=80, opt="adamw", lr=5e-4,
-                 weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce", augment="weak"),
+                 weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce", augment="weak", compile=False,
+                 amp="none"),
 }
 PRESETS["seed_recipe"] = PRESETS["recipe"]  # its earlier name
 # what a resumed run must share with the saved one (architecture, optimizer, data, batch order); the rest may change
@@ -254,7 +257,7 @@ def train(cfg):
         if c.opt == "sing":
             optimizer = SING(groups_of_params, lr=c.lr)
         else:
-            optimizer = torch.optim.AdamW(groups_of_params, lr=c.lr, fused=cuda)  # fused kernels exist for CUDA only
+            optimizer = torch.optim.AdamW(groups_of_params, lr=c.lr, fused=cuda)  # fused: a CUDA-only kernel
 
         iters = len(train_loader)
         total = iters * c.epochs
@@ -275,7 +278,7 @@ def train(cfg):
 
         ddp_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None) if world > 1 \
             else net
-        forward = torch.compile(ddp_net) if c.compile and cuda else ddp_net
+        forward = torch.compile(ddp_net) if c.compile else ddp_net
         ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta)}
         if master:
             print(f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters, {iters} iterations/epoch x {c.epochs}"
@@ -297,7 +300,7 @@ def train(cfg):
                     group["lr"] = lr_now
                 inputs = data.augment(x, c.img_size, aug_gen, **aug_kw) if c.augment != "none" else \
                     data.prepare(x, c.img_size)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.amp == "bf16"):
                     logits = forward(inputs)
                 loss = loss_fn(c, logits.float(), y, g, cell_weights)
                 optimizer.zero_grad(set_to_none=True)
@@ -317,7 +320,7 @@ def train(cfg):
             if world > 1:
                 dist.all_reduce(totals)
 
-            scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world)
+            scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world, amp=c.amp)
             metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
             record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
                       "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),

@@ -22,7 +22,7 @@ import train_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=1",
-       "--batch_size=16", "--eval_batch_size=64", "--device=cpu"]
+       "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
 MIXMATCH = ["--config=cpu_small", "--n_labeled=20", "--steps=2", "--eval_every=2", "--batch_size=16",
             "--small_width=8", "--img_size=32"]
 

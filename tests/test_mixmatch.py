@@ -325,7 +325,7 @@ def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
     differently move by up to lr)."""
     args = [f"--data={tiny_data}", "--arch=vit", "--pretrained=false", "--vit_preset=vit_tiny", "--img_size=32",
             "--augment=none", "--mixup=false", "--opt=sing", "--lr=1e-3", "--n_labeled=20", "--steps=4",
-            "--eval_every=2", "--batch_size=16", "--device=cpu"]
+            "--eval_every=2", "--batch_size=16", "--device=cpu", "--amp=none"]
     tm.main([*args, f"--out_dir={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_mixmatch.py"), *args, f"--out_dir={tmp_path / 'two'}"]

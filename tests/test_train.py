@@ -14,7 +14,7 @@ import train_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
-        "--batch_size=16", "--eval_batch_size=64", "--device=cpu"]
+        "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
 VOLATILE = {"time_s", "img_per_s"}  # wall-clock numbers in log.jsonl; everything else must reproduce exactly
 
 
@@ -202,6 +202,44 @@ def test_signal_stops_between_steps_and_resume_finishes_the_run(tiny_data, refer
     monkeypatch.setattr(train_vit, "loss_fn", real)
     run(tiny_data, tmp_path, "--resume=true")
     assert read_log(tmp_path) == read_log(reference_run)  # as if nothing had happened
+
+
+def test_compiled_training_matches_eager_on_cpu(tiny_data, reference_run, tmp_path):
+    """compile=true goes through inductor's CPU backend (gcc): the same losses and weights as the eager reference
+    run up to float reassociation in the fused kernels (tolerance 1e-4 relative on losses, 1e-3 on weights)."""
+    run(tiny_data, tmp_path, "--compile=true")
+    eager, compiled = read_log(reference_run), read_log(tmp_path)
+    assert [h["train_loss"] for h in compiled] == pytest.approx([h["train_loss"] for h in eager], rel=1e-4)
+    a, b = weights(tmp_path / "last.safetensors"), weights(os.path.join(reference_run, "last.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_bf16_autocast_step_on_cpu(tiny_data, reference_run, monkeypatch, tmp_path):
+    """amp=bf16 on the CPU: the model's output is bf16, the loss is taken in fp32, SING steps on fp32 gradients
+    into fp32 weights and the logged metrics are plain floats; the first epoch's loss is the fp32 run's within 5%."""
+    seen, real_loss, real_forward = {}, train_vit.loss_fn, model.ViT.forward
+
+    def loss_spy(c, logits, y, g, w):
+        loss = real_loss(c, logits, y, g, w)
+        seen.setdefault("loss", (logits.dtype, loss.dtype))
+        return loss
+
+    def forward_spy(self, x, *args, **kwargs):
+        out = real_forward(self, x, *args, **kwargs)
+        seen.setdefault("output", out.dtype)
+        return out
+
+    monkeypatch.setattr(train_vit, "loss_fn", loss_spy)
+    monkeypatch.setattr(model.ViT, "forward", forward_spy)
+    run(tiny_data, tmp_path, "--amp=bf16", "--stop_after=1")
+    assert seen == {"output": torch.bfloat16, "loss": (torch.float32, torch.float32)}
+    net, _, state = model.load_checkpoint(str(tmp_path / "last.safetensors"))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert all(v.dtype == torch.float32 for s in state["optimizer"]["state"].values() for v in s.values()
+               if torch.is_tensor(v) and v.is_floating_point())
+    log = read_log(tmp_path)[0]
+    assert isinstance(log["accuracy"], float) and isinstance(log["fair_score"], float)
+    assert log["train_loss"] == pytest.approx(read_log(reference_run)[0]["train_loss"], rel=0.05)
 
 
 def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
