@@ -53,40 +53,150 @@ def _keep_torch_threads():
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
-def read_meta(data_dir):
+class DataFileError(FileNotFoundError):
+    """A data set on disk that is not as data.py built it: a file missing, damaged or changed since the build. A
+    FileNotFoundError, so every caller that reports a missing data set in one line reports this one the same way."""
+
+
+def read_meta(data_dir, verify=None):
+    """data_dir/meta.json, once the split files are checked against it. verify="size" (the default) checks that
+    every split's file is there at the size meta.json records (a stat each); "full" also checks each split's content
+    hash (reading every byte, once per file and process); None takes DATA_VERIFY from the environment (size or full).
+    A missing data set raises FileNotFoundError, a damaged or changed one DataFileError, with a one-line message that
+    says what to do."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{data_dir} is not a data.py output (no meta.json); build one with "
-                                f"`python data.py SOURCE --out_dir={data_dir}`")
-    with open(path) as fh:
-        return json.load(fh)
+        raise FileNotFoundError(_not_a_data_set(data_dir))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise DataFileError(f"{path} is not readable JSON ({e}); {_rebuild(data_dir, {})}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "image_size" not in meta or \
+            not all(isinstance(v, dict) and "n" in v for v in meta["splits"].values()):
+        raise DataFileError(f"{path} is not a data.py meta.json (no splits or image size); {_rebuild(data_dir, {})}")
+    verify = verify or os.environ.get("DATA_VERIFY") or "size"
+    if verify not in ("size", "full"):
+        raise ValueError(f"DATA_VERIFY={verify}: size (the default) or full")
+    for split, info in meta["splits"].items():
+        beton = os.path.join(data_dir, f"{split}.beton")
+        if not os.path.isfile(beton):
+            raise DataFileError(f"{beton} is missing (meta.json lists split {split!r}); {_rebuild(data_dir, meta)}")
+        size = os.path.getsize(beton)
+        if "bytes" in info and size != info["bytes"]:
+            raise DataFileError(f"{beton} has {size} bytes, meta.json records {info['bytes']}: it changed after the "
+                                f"build; {_rebuild(data_dir, meta)}")
+        if verify == "full":
+            _verify_content(data_dir, split, meta)
+    return meta
+
+
+def _not_a_data_set(data_dir):
+    parent, name = os.path.split(os.path.abspath(data_dir))
+    build = f"build one with `python data.py SOURCE --out_dir={data_dir}`"
+    if os.path.exists(data_dir):
+        why = "it is a file" if not os.path.isdir(data_dir) else build
+    else:  # sources.py's swap moves the old version to .NAME.old-PID-*.tmp; a kill there leaves no data_dir
+        aside = [f for f in (os.listdir(parent) if os.path.isdir(parent) else ()) if f.startswith(f".{name}.old-")]
+        why = (f"a --force rebuild of it was killed and left it aside as {aside[0]}; run the same data.py command "
+               "again to finish it") if aside else f"it does not exist; {build}"
+    return f"{data_dir} is not a data.py output (no meta.json): {why}"
+
+
+def _rebuild(data_dir, meta):
+    return (f"rebuild it: python data.py {meta.get('source', 'SOURCE')} --out_dir={data_dir} --force (with the "
+            "options recorded in its meta.json)")
+
+
+def _open_beton(data_dir, split, meta):
+    """A split's file, opened and checked against meta.json: the sample count, the fields, raw images of the
+    recorded size, every image and attribute vector inside the file, labels and groups in range. -> (path, Reader,
+    {field: per-sample metadata})."""
+    if split not in meta["splits"]:
+        raise FileNotFoundError(f"no split {split!r} in {data_dir} (have: {', '.join(meta['splits']) or 'none'})")
+    path = os.path.join(data_dir, f"{split}.beton")
+    with _keep_torch_threads():
+        from ffcv.reader import Reader
+        try:
+            reader = Reader(path)
+        except Exception as e:  # a damaged header reaches numpy and FFCV in many ways
+            raise DataFileError(f"{path} is not a readable .beton ({type(e).__name__}: {e}); "
+                                f"{_rebuild(data_dir, meta)}") from None
+    md = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    size, n, (h, w) = os.path.getsize(path), meta["splits"][split]["n"], meta["image_size"]
+    problem = None
+    if reader.num_samples != n or len(reader.metadata) != n:
+        problem = f"{len(reader.metadata)} samples, meta.json records {n}"
+    elif not {"image", "label", "group"} <= set(md):
+        problem = f"fields {', '.join(md)}"
+    elif n and ((md["image"]["mode"] != 1).any() or (md["image"]["height"] != h).any() or
+                (md["image"]["width"] != w).any()):
+        problem = f"images that are not all raw {h}x{w}"
+    elif n and md["image"]["data_ptr"].max() + h * w * 3 > size:
+        problem = "images beyond the end of the file"
+    elif "attrs" in md and n and md["attrs"].max() + reader.handlers["attrs"].element_size > size:
+        problem = "attributes beyond the end of the file"
+    elif n and ((md["label"] < -1).any() or (md["label"] >= len(meta.get("classes") or [0, 1])).any() or
+                (md["group"] < -1).any()):
+        problem = "labels or groups out of range"
+    if problem:
+        raise DataFileError(f"{path} does not match its meta.json ({problem}): it changed after the build; "
+                            f"{_rebuild(data_dir, meta)}")
+    return path, reader, md
+
+
+def content_hash(images, labels, groups, attrs=None):
+    """The sha256 meta.json records for a split (sources.py computes it when building; read_meta(verify="full")
+    recomputes it from the file): the images as uint8 HWC in order, the labels and groups as int64, then the
+    attribute vectors as uint8. images, attrs: arrays, or iterables of blocks of rows."""
+    import hashlib
+    h = hashlib.sha256()
+    for block in images:
+        h.update(np.ascontiguousarray(block, np.uint8))
+    h.update(np.ascontiguousarray(labels, np.int64))
+    h.update(np.ascontiguousarray(groups, np.int64))
+    for block in () if attrs is None else attrs:
+        h.update(np.ascontiguousarray(block, np.uint8))
+    return h.hexdigest()
+
+
+_VERIFIED = set()  # (path, size, mtime_ns) of the files whose content hash this process has checked
+
+
+def _verify_content(data_dir, split, meta):
+    """Recompute a split's content hash from its file and refuse a mismatch (read_meta(verify="full"))."""
+    path = os.path.abspath(os.path.join(data_dir, f"{split}.beton"))
+    st = os.stat(path)
+    want, key = meta["splits"][split].get("sha256"), (path, st.st_size, st.st_mtime_ns)
+    if not want or key in _VERIFIED:
+        return
+    path, reader, md = _open_beton(data_dir, split, meta)
+    mm = np.memmap(path, np.uint8, "r")
+    nb, k = math.prod(meta["image_size"]) * 3, reader.handlers["attrs"].element_size if "attrs" in md else 0
+    got = content_hash((mm[p: p + nb] for p in md["image"]["data_ptr"].tolist()), md["label"], md["group"],
+                       (mm[p: p + k] for p in md["attrs"].tolist()) if "attrs" in md else None)
+    if got != want:
+        raise DataFileError(f"{path}: its content (sha256 {got[:12]}) is not what meta.json records ({want[:12]}): it "
+                            f"changed after the build; {_rebuild(data_dir, meta)}")
+    _VERIFIED.add(key)
 
 
 def _read_beton(data_dir, split, fields, rows=None):
     """Read fields of a raw-mode .beton straight from the file (no FFCV pipeline, no JIT): the per-sample metadata
     holds each image's file offset, and raw images are plain HWC bytes there. rows: positions to read (default all).
-    -> {field: numpy array}."""
-    path = os.path.join(data_dir, f"{split}.beton")
-    if not os.path.isfile(path):
-        have = [s for s in SPLITS if os.path.isfile(os.path.join(data_dir, f"{s}.beton"))]
-        raise FileNotFoundError(f"no split {split!r} in {data_dir} (have: {', '.join(have) or 'none'})")
-    with _keep_torch_threads():
-        from ffcv.reader import Reader
-        reader = Reader(path)
-    md = {name: reader.metadata[f"f{i}"] if rows is None else reader.metadata[f"f{i}"][rows]
-          for i, name in enumerate(reader.field_names)}
+    The file is checked against meta.json first (read_meta, _open_beton). -> {field: numpy array}."""
+    meta = read_meta(data_dir)
+    path, reader, md = _open_beton(data_dir, split, meta)
+    md = md if rows is None else {name: v[rows] for name, v in md.items()}
     mm = np.memmap(path, np.uint8, "r")
     out = {}
     for name in fields:
         if name not in md:
             out[name] = None
         elif name == "image":
-            img = md["image"]
-            h, w = int(img["height"][0]), int(img["width"][0])
-            if (img["mode"] != 1).any() or (img["height"] != h).any() or (img["width"] != w).any():
-                raise ValueError(f"{path}: images must be raw mode and all the same size")
-            x = np.empty((len(img), 3, h, w), np.uint8)  # NCHW directly, so no second full-size copy
-            for i, p in enumerate(img["data_ptr"].tolist()):
+            h, w = meta["image_size"]
+            x = np.empty((len(md["image"]), 3, h, w), np.uint8)  # NCHW directly, so no second full-size copy
+            for i, p in enumerate(md["image"]["data_ptr"].tolist()):
                 x[i] = mm[p: p + h * w * 3].reshape(h, w, 3).transpose(2, 0, 1)
             out[name] = x
         elif name == "attrs":

@@ -1,7 +1,10 @@
 """
 Where the data sets come from. `python data.py SOURCE --key=value ...` builds one: the source returns its splits in
-memory, build() writes OUT_DIR/{train,val,test}.beton and meta.json (the format is data.py's) into a temporary folder
-renamed at the very end, so a failed or killed build leaves nothing behind. Sources:
+memory, build() writes OUT_DIR/{train,val,test}.beton and meta.json (the format is data.py's) into a hidden temporary
+folder next to it, renamed at the very end; --force swaps an existing OUT_DIR for the new one so that a data set is
+always either the old one or the new one, whole. Whatever a killed build leaves (its temporary folder, or the old
+version moved aside) is finished or removed by the next build of the same OUT_DIR, which says so. Bad input ends in
+one DataError line before anything is written. Sources:
 
     synthetic   procedurally drawn faces with CelebA's hidden rule, Blond_Hair XOR Eyeglasses (offline)
     celeba      CelebA: flwrlabs/celeba from the Hub (pinned revision), or --root with the official files or shards
@@ -12,14 +15,22 @@ renamed at the very end, so a failed or killed build leaves nothing behind. Sour
 """
 
 import ast
+import codecs
 import csv
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import sys
 import tempfile
+import time
+import traceback
+import types
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -103,22 +114,37 @@ _ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Name, 
 _BINOPS = {ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or, ast.BitXor: np.logical_xor}
 
 
+_WORD = re.compile(r"\w+")
+_KEYWORDS = ("and", "or", "not")
+
+
 def parse_criterion(expr, names):
     """Compile a boolean expression of attribute names into f({name: bool array}) -> bool array. The expression is
-    parsed with `ast` and only names and & | ^ ~ not and or are accepted: nothing is ever eval'd."""
+    parsed with `ast` and only names and & | ^ ~ not and or are accepted: nothing is ever eval'd. Every word but the
+    keywords is renamed to a placeholder before parsing, so names Python would not take (CelebA's 5_o_Clock_Shadow)
+    work too, and messages name the words as written."""
+    words = []
+
+    def placeholder(m):
+        if m[0] in _KEYWORDS:
+            return m[0]
+        words.append(m[0])
+        return f"_{len(words) - 1}"
+
     try:
-        tree = ast.parse(expr, mode="eval")
+        tree = ast.parse(_WORD.sub(placeholder, expr), mode="eval")
     except SyntaxError:
         raise DataError(f"cannot parse the criterion {expr!r}") from None
+    word = lambda node: words[int(node.id[1:])]
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise DataError(f"criterion {expr!r}: only attribute names and & | ^ ~ not and or are allowed")
-        if isinstance(node, ast.Name) and node.id not in names:
-            raise DataError(f"criterion {expr!r}: unknown attribute {node.id!r} (known: {' '.join(names)})")
+        if isinstance(node, ast.Name) and word(node) not in names:
+            raise DataError(f"criterion {expr!r}: unknown attribute {word(node)!r} (known: {' '.join(names)})")
 
     def ev(node, attrs):
         if isinstance(node, ast.Name):
-            return np.asarray(attrs[node.id], bool)
+            return np.asarray(attrs[word(node)], bool)
         if isinstance(node, ast.UnaryOp):
             return ~ev(node.operand, attrs)
         if isinstance(node, ast.BoolOp):
@@ -136,7 +162,7 @@ def _labels_from_attrs(attrs, names, criterion, group):
     """-> labels, groups (int64), class names, group names; group "none" gives -1 everywhere and no group names."""
     named = dict(zip(names, (attrs > 0).T))
     labels = parse_criterion(criterion, names)(named).astype(np.int64)
-    classes = [f"not {criterion}" if criterion.isidentifier() else f"not ({criterion})", criterion]
+    classes = [f"not {criterion}" if _WORD.fullmatch(criterion) else f"not ({criterion})", criterion]
     if group.lower() == "none":
         return labels, np.full(len(labels), -1, np.int64), classes, []
     groups = parse_criterion(group, names)(named).astype(np.int64)
@@ -283,7 +309,8 @@ def draw_faces(attrs, rng, size=80, shift=0.0, chunk=32):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     ramp = lambda angle: np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy  # [n, H, W] in +-0.71
     out = np.empty((len(attrs), size, size, 3), np.uint8)
-    for i in tqdm(range(0, len(attrs), chunk), desc="drawing faces", unit="chunk", mininterval=1, leave=False):
+    for i in tqdm(range(0, len(attrs), chunk), desc="drawing faces", unit="chunk", mininterval=1, leave=False,
+                  disable=None):
         j = slice(i, i + chunk)
         t = ramp(p["bg_angle"][j])[..., None] + 0.5
         out[j] = np.clip(p["bg0"][j, None, None] + (p["bg1"][j] - p["bg0"][j])[:, None, None] * t, 0, 255)
@@ -300,8 +327,6 @@ def draw_faces(attrs, rng, size=80, shift=0.0, chunk=32):
 def synthetic_source(cfg):
     """Procedurally drawn faces (offline): attributes per label x gender cell, the label by `criterion` (the
     challenge's rule by default), label noise on train and val only."""
-    if not 0 <= cfg["noise"] <= 1:
-        raise DataError(f"--noise wants a rate in 0..1, got {cfg['noise']}")
     cells = _fractions(cfg["cells"], "cells")
     sizes = _cell_counts(_fractions(cfg["split"]), cfg["n"])
     splits = {}
@@ -320,19 +345,25 @@ def synthetic_source(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Reading image files (every source but synthetic)
 
-def _read_images(sources, names, size, desc, out=None, skipped=None):
+def _read_images(sources, names, size, desc, out=None, skipped=None, where=None):
     """Decode many images with a thread pool (PIL releases the GIL while decoding and resizing). Unreadable ones are
-    skipped and listed in `skipped`. Returns (images [k, size, size, 3] (a view of `out` when given), kept indices)."""
+    skipped and listed in `skipped`. Returns (images [k, size, size, 3] (a view of `out` when given), kept indices).
+    where: the folder or label file they come from; when given, a non-empty list with no readable image is an error
+    that names it (rather than an empty split further on)."""
     out = np.empty((len(sources), size, size, 3), np.uint8) if out is None else out
-    kept = []
+    kept, first_bad = [], None
     with ThreadPoolExecutor(data._cores()) as pool:
         results = pool.map(partial(data.decode_image, size=size), sources)
-        for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False)):
+        for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False, disable=None)):
             if isinstance(img, str):
                 skipped.append(dict(file=names[i], reason=img))
+                first_bad = first_bad or (names[i], img)
             else:
                 out[len(kept)] = img
                 kept.append(i)
+    if where is not None and first_bad and not kept:
+        raise DataError(f"none of the {len(sources)} files from {where} is a readable image (the first, "
+                        f"{first_bad[0]}: {first_bad[1]})")
     return out[: len(kept)], np.array(kept, np.int64)
 
 
@@ -352,10 +383,40 @@ def _need_dir(path, what="folder"):
 
 
 def _fractions(vals, key="split"):
-    """Non-negative shares -> fractions that sum to 1."""
-    if min(vals) < 0 or sum(vals) <= 0:
-        raise DataError(f"--{key} wants non-negative numbers with a positive sum, got {','.join(map(str, vals))}")
+    """Fractions in 0..1 that sum to 1 (to within 0.01: 0.33,0.33,0.34 is fine) -> exactly 1."""
+    if min(vals) < 0 or max(vals) > 1 or abs(sum(vals) - 1) > 0.01:
+        raise DataError(f"--{key}={','.join(map(str, vals))}: {len(vals)} fractions in 0..1 that sum to 1")
     return [v / sum(vals) for v in vals]
+
+
+def _read_text(path):
+    """A label file's text: UTF-8 (a leading byte-order mark is dropped), else Latin-1, which is said."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 text; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        print(f"note: {path} is not UTF-8 (byte {e.start}); read it as Latin-1")
+        return raw.decode("latin-1")
+
+
+def _relative(name, where, folder):
+    """A path from a label file (`where`), normalised; refused when absolute or leading out of `folder` (../)."""
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise DataError(f"{where}: {name!r} is outside {folder}; listed images must be inside it")
+    return norm
+
+
+def _need_space(folder, need, what):
+    """Refuse early what would fill the disk (FFCV's writer and memory-mapped scratch files die on a full disk)."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DataError(f"not enough free space in {os.path.dirname(folder)}: {what} needs about "
+                        f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free some space or choose another "
+                        "--out_dir")
 
 
 def _stratified(keys, fracs, seed):
@@ -376,28 +437,35 @@ def _take(split, idx):
 
 def challenge_source(cfg):
     """The challenge folder: train/*.jpg, test/*.jpg, train.txt (image<TAB>label -1/1<TAB>genre -1/1, no header).
-    genre 1 is taken as men (CelebA's Male convention). A stratified label x group validation split, seeded."""
-    if not 0 < cfg["val_frac"] < 1:
-        raise DataError(f"--val_frac wants a fraction between 0 and 1, got {cfg['val_frac']}")
+    genre 1 is taken as men (CelebA's Male convention). A stratified label x group validation split, seeded. A row
+    listed twice is kept once (said); the same image with other labels is refused."""
     root = _need_dir(cfg["root"])
     train_dir, test_dir = _need_dir(os.path.join(root, "train")), _need_dir(os.path.join(root, "test"))
     txt = os.path.join(root, "train.txt")
     if not os.path.isfile(txt):
         raise DataError(f"label file not found: {txt}")
-    names, labels, genres = [], [], []
-    with open(txt) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 3 or parts[1] not in ("-1", "1") or parts[2] not in ("-1", "1"):
-                raise DataError(f"{txt}:{lineno}: expected 'image<TAB>label<TAB>genre' with -1/1 values, "
-                                f"got {line.strip()!r}")
-            names.append(parts[0])
-            labels.append(parts[1] == "1")
-            genres.append(parts[2] == "1")
-    if not names:
+    rows, twice = {}, 0  # name -> (label, genre, line number)
+    for lineno, line in enumerate(_read_text(txt).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in ("-1", "1") or parts[2] not in ("-1", "1"):
+            raise DataError(f"{txt}:{lineno}: expected 'image<TAB>label<TAB>genre' with -1/1 values, "
+                            f"got {line.strip()!r}")
+        name = _relative(parts[0], f"{txt}:{lineno}", train_dir)
+        if name in rows:
+            if rows[name][:2] != (parts[1], parts[2]):
+                raise DataError(f"{txt}:{lineno}: {name} is listed again with other labels (line {rows[name][2]}: "
+                                f"{' '.join(rows[name][:2])}, here: {parts[1]} {parts[2]})")
+            twice += 1
+            continue
+        rows[name] = (parts[1], parts[2], lineno)
+    if not rows:
         raise DataError(f"{txt} lists no images")
+    if twice:
+        print(f"challenge: {txt} lists {twice} images more than once with the same labels; each is kept once")
+    names = list(rows)
+    labels, genres = [rows[nm][0] == "1" for nm in names], [rows[nm][1] == "1" for nm in names]
     missing = [nm for nm in names if not os.path.isfile(os.path.join(train_dir, nm))]
     if missing:
         raise DataError(f"{txt} does not match the images: {len(missing)} listed files are not in {train_dir} "
@@ -405,7 +473,7 @@ def challenge_source(cfg):
     skipped = []
     size = cfg["size"]
     images, kept = _read_images([os.path.join(train_dir, nm) for nm in names], names, size, "train images",
-                                skipped=skipped)
+                                skipped=skipped, where=txt)
     labels, groups = np.array(labels, np.int64)[kept], np.array(genres, np.int64)[kept]
     full = dict(images=images, labels=labels, groups=groups)
     train_idx, val_idx = _stratified(labels * 2 + groups, [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
@@ -413,7 +481,7 @@ def challenge_source(cfg):
     if not test_names:
         raise DataError(f"no images in {test_dir}")
     test_images, test_kept = _read_images([os.path.join(test_dir, nm) for nm in test_names], test_names, size,
-                                          "test images", skipped=skipped)
+                                          "test images", skipped=skipped, where=test_dir)
     unknown = np.full(len(test_kept), -1, np.int64)
     test = dict(images=test_images, labels=unknown, groups=unknown, files=[test_names[i] for i in test_kept])
     return dict(splits=dict(train=_take(full, train_idx), val=_take(full, val_idx), test=test), classes=["-1", "1"],
@@ -424,11 +492,15 @@ def _read_group_csv(path, root):
     """CSV with a header `path,group` (path relative to --root) -> {path: group name}."""
     if not os.path.isfile(path):
         raise DataError(f"group file not found: {path}")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if not rows or not {"path", "group"} <= set(rows[0]):
         raise DataError(f"{path}: expected a CSV with a header 'path,group' and one row per image")
-    table = {os.path.normpath(r["path"]): r["group"].strip() for r in rows}
+    table = {}
+    for lineno, r in enumerate(rows, 2):
+        name, group = _relative(r["path"] or "", f"{path}:{lineno}", root), (r["group"] or "").strip()
+        if table.get(name, group) != group:
+            raise DataError(f"{path}:{lineno}: {name} is listed again with another group")
+        table[name] = group
     missing = [p for p in table if not os.path.isfile(os.path.join(root, p))]
     if missing:
         raise DataError(f"{path} does not match the images: {len(missing)} paths not under {root} "
@@ -458,11 +530,15 @@ def folder_source(cfg):
             part += [t] * len(found)
     if not files:
         raise DataError(f"no files in the class folders under {root}")
+    if len(classes) < 2:
+        raise DataError(f"one class subfolder in {tops[0]} ({classes[0]}): a classifier needs two or more, one per "
+                        "class")
     table = _read_group_csv(cfg["groups"], root) if cfg["groups"] else {}
     group_names = sorted(set(table.values()))
     gid = {g: i for i, g in enumerate(group_names)}
     skipped = []
-    images, kept = _read_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped)
+    images, kept = _read_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
+                                where=root)
     files = [files[i] for i in kept]
     full = dict(images=images, labels=np.array(labels, np.int64)[kept],
                 groups=np.array([gid.get(table.get(os.path.normpath(f)), -1) for f in files], np.int64))
@@ -491,7 +567,8 @@ def aaf_source(cfg):
     names = [f for f in names if AAF_NAME.match(f)]
     if not names:
         raise DataError(f"no All-Age-Faces images (named like 00000A02.jpg) in {folder}")
-    images, kept = _read_images([os.path.join(folder, f) for f in names], names, cfg["size"], "images", skipped=skipped)
+    images, kept = _read_images([os.path.join(folder, f) for f in names], names, cfg["size"], "images", skipped=skipped,
+                                where=folder)
     serial_age = np.array([[int(x) for x in AAF_NAME.match(names[i]).groups()] for i in kept], np.int64)
     male = (serial_age[:, 0] >= 7381).astype(np.int64)
     full = dict(images=images, labels=male, groups=np.full(len(kept), -1, np.int64),
@@ -520,13 +597,13 @@ def adience_source(cfg):
         path = os.path.join(root, f"fold_{k}_data.txt")
         if not os.path.isfile(path):
             raise DataError(f"fold file not found: {path}")
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
+        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t"))
         if not rows or not set(ADIENCE_COLUMNS) <= set(rows[0]):
             raise DataError(f"{path}: expected a tab-separated header with {', '.join(ADIENCE_COLUMNS)}")
-        for r in rows:
-            name = os.path.join(r["user_id"].strip(), f"landmark_aligned_face.{r['face_id'].strip()}."
-                                                      f"{r['original_image'].strip()}")
+        for lineno, r in enumerate(rows, 2):
+            name = os.path.join((r["user_id"] or "").strip(), f"landmark_aligned_face.{(r['face_id'] or '').strip()}."
+                                                              f"{(r['original_image'] or '').strip()}")
+            name = _relative(name, f"{path}:{lineno}", aligned)
             gender = (r["gender"] or "").strip()
             if gender not in ("f", "m"):
                 skipped.append(dict(file=name, reason=f"gender {gender or 'empty'!r} in {os.path.basename(path)}"))
@@ -543,7 +620,7 @@ def adience_source(cfg):
     skipped += [dict(file=nm, reason="listed in a fold file, not in aligned/") for nm, f in zip(names, found) if not f]
     names, male, fold = ([v for v, f in zip(col, found) if f] for col in (names, male, fold))
     images, kept = _read_images([os.path.join(aligned, nm) for nm in names], names, cfg["size"], "images",
-                                skipped=skipped)
+                                skipped=skipped, where=aligned)
     male, fold = np.array(male, np.int64)[kept], np.array(fold, np.int64)[kept]
     full = dict(images=images, labels=male, groups=np.full(len(kept), -1, np.int64),
                 attrs=np.stack([male, fold], 1).astype(np.uint8))
@@ -579,7 +656,7 @@ def download_celeba(revision=CELEBA_REVISION):
     except Exception as e:  # offline, HF_HUB_OFFLINE, DNS, proxy, gated, moved: all end the same way
         raise DataError(OFFLINE.format(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
     shards = {}
-    for f in tqdm(sorted(listing, key=lambda f: f.path), desc="celeba shards", unit="shard"):
+    for f in tqdm(sorted(listing, key=lambda f: f.path), desc="celeba shards", unit="shard", disable=None):
         try:
             path = hf_hub_download(CELEBA_REPO, f.path, repo_type="dataset", revision=revision)
         except Exception as e:
@@ -599,16 +676,23 @@ def _celeba_parquet(shards, size, scratch):
     """{split: [parquet paths]} -> splits with images in memory-mapped scratch files (CelebA is ~4 GB at 80x80)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    schema = pq.read_schema(shards["train"][0])  # the 40 attributes: every bool column (or -1/1 ints, bar the id)
+    try:
+        schema = pq.read_schema(shards["train"][0])  # the 40 attributes: every bool column (or -1/1 ints, bar the id)
+        files = {split: [pq.ParquetFile(p) for p in shards[split]] for split in SPLITS}
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"a CelebA parquet shard is not readable ({type(e).__name__}: {e})") from None
+    if "image" not in schema.names:
+        raise DataError(f"{shards['train'][0]}: no image column; not a flwrlabs/celeba shard")
     attr_names = [f.name for f in schema if pa.types.is_boolean(f.type) or (pa.types.is_integer(f.type) and f.name
                   not in ("celeb_id", "__index_level_0__"))]
+    rows = {split: sum(f.metadata.num_rows for f in files[split]) for split in SPLITS}
+    _need_space(scratch, sum(rows.values()) * size * size * 3, "the decoded images")
     skipped, splits = [], {}
     for split in SPLITS:
-        files = [pq.ParquetFile(p) for p in shards[split]]
-        n = sum(f.metadata.num_rows for f in files)
+        n = rows[split]
         images = np.lib.format.open_memmap(os.path.join(scratch, f"{split}.npy"), "w+", np.uint8, (n, size, size, 3))
         attrs, k = np.empty((n, len(attr_names)), np.uint8), 0
-        for f in files:
+        for f in files[split]:
             for batch in f.iter_batches(batch_size=1024, columns=["image", *attr_names]):
                 col = batch.column("image")
                 blobs, paths = col.field("bytes").to_pylist(), col.field("path").to_pylist()
@@ -629,27 +713,44 @@ def _celeba_official(root, size, scratch):
     for p in (attr_txt, part_txt):
         if not os.path.isfile(p):
             raise DataError(f"label file not found: {p}")
-    with open(attr_txt) as fh:
-        lines = [ln.split() for ln in fh if ln.strip()]
-    attr_names, rows = lines[1], lines[2:]
-    if int(lines[0][0]) != len(rows) or any(len(r) != len(attr_names) + 1 for r in rows):
-        raise DataError(f"{attr_txt}: expected {lines[0][0]} rows of a file name and {len(attr_names)} values")
-    with open(part_txt) as fh:
-        partition = dict(ln.split() for ln in fh if ln.strip())
-    names = [r[0] for r in rows]
+    lines = [(k, ln.split()) for k, ln in enumerate(_read_text(attr_txt).splitlines(), 1) if ln.strip()]
+    if len(lines) < 3 or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
+        raise DataError(f"{attr_txt}: expected the number of images, a line of attribute names, then one row per "
+                        f"image ({'an empty file' if not lines else f'{len(lines)} non-empty lines'})")
+    attr_names, rows = lines[1][1], lines[2:]
+    if int(lines[0][1][0]) != len(rows):
+        raise DataError(f"{attr_txt}: line 1 says {lines[0][1][0]} images, the file has {len(rows)} rows")
+    for lineno, r in rows:
+        if len(r) != len(attr_names) + 1 or not {*r[1:]} <= {"-1", "1", "0"}:
+            raise DataError(f"{attr_txt}:{lineno}: expected a file name and {len(attr_names)} values of -1 or 1, got "
+                            f"{' '.join(r)[:80]!r}")
+    partition = {}
+    for lineno, ln in enumerate(_read_text(part_txt).splitlines(), 1):
+        if not ln.strip():
+            continue
+        parts = ln.split()
+        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+            raise DataError(f"{part_txt}:{lineno}: expected 'image.jpg 0|1|2' (train, val, test), got {ln.strip()!r}")
+        name = _relative(parts[0], f"{part_txt}:{lineno}", img_dir)
+        if partition.setdefault(name, int(parts[1])) != int(parts[1]):
+            raise DataError(f"{part_txt}:{lineno}: {name} is listed again in another split")
+    names = [_relative(r[0], f"{attr_txt}:{lineno}", img_dir) for lineno, r in rows]
+    if len(set(names)) != len(names):
+        raise DataError(f"{attr_txt} lists {len(names) - len(set(names))} images more than once")
     missing = [nm for nm in names if nm not in partition or not os.path.isfile(os.path.join(img_dir, nm))]
     if missing:
         raise DataError(f"the label files do not match the images: {len(missing)} listed images are missing from "
                         f"{img_dir} or from {part_txt} (first: {missing[0]})")
-    attrs = np.array([[int(v) > 0 for v in r[1:]] for r in rows], np.uint8)
-    which = np.array([int(partition[nm]) for nm in names])
+    attrs = np.array([[v == "1" for v in r[1:]] for _, r in rows], np.uint8)
+    which = np.array([partition[nm] for nm in names])
+    _need_space(scratch, len(names) * size * size * 3, "the decoded images")
     skipped, splits = [], {}
     for s, split in enumerate(SPLITS):
         idx = np.flatnonzero(which == s)
         out = np.lib.format.open_memmap(os.path.join(scratch, f"{split}.npy"), "w+", np.uint8,
                                         (len(idx), size, size, 3))
         images, kept = _read_images([os.path.join(img_dir, names[i]) for i in idx], [names[i] for i in idx], size,
-                                    f"celeba {split}", out=out, skipped=skipped)
+                                    f"celeba {split}", out=out, skipped=skipped, where=img_dir)
         splits[split] = dict(images=images, attrs=attrs[idx[kept]])
     return splits, attr_names, skipped
 
@@ -694,6 +795,23 @@ class _Rows:
         return (np.ascontiguousarray(img), int(label), int(group), *attrs)
 
 
+def _writer_layout(split):
+    """-> (page size, worker count) for one split's file: a page holds at least one sample (FFCV cannot spread one
+    over pages), and there are no more workers than chunks of 256 rows (each worker pads its last page)."""
+    item = int(np.prod(split["images"].shape[1:])) + (split["attrs"].shape[1] if "attrs" in split else 0)
+    page = max(1 << 21, 1 << (item - 1).bit_length())  # 2 MiB pages keep small files small
+    return page, max(1, min(data._cores(), 8, -(-len(split["labels"]) // 256)))
+
+
+def _beton_bytes(split):
+    """An upper bound of the size of the file write_beton makes: the header and metadata pages, the data pages
+    (samples never straddle pages, each worker pads its last one) and the allocation table."""
+    n = len(split["labels"])
+    page, workers = _writer_layout(split)
+    item = int(np.prod(split["images"].shape[1:])) + (split["attrs"].shape[1] if "attrs" in split else 0)
+    return (-(-(4096 + 64 * n) // page) + -(-n // (page // item)) + workers) * page + 64 * n
+
+
 def write_beton(path, split):
     """One split -> FFCV file: image (raw uint8 RGB, native size), label, group (int), attrs (uint8 vector) if any."""
     with data._keep_torch_threads():
@@ -702,9 +820,77 @@ def write_beton(path, split):
     fields = dict(image=RGBImageField(write_mode="raw"), label=IntField(), group=IntField())
     if "attrs" in split:
         fields["attrs"] = NDArrayField(np.dtype("uint8"), (split["attrs"].shape[1],))
-    # 2 MiB pages: each writer process pads its last page, so small pages keep small files small
-    DatasetWriter(path, fields, page_size=1 << 21, num_workers=min(data._cores(), 8)).from_indexed_dataset(
-        _Rows(split), chunksize=256)
+    page, workers = _writer_layout(split)
+    writer = DatasetWriter(path, fields, page_size=page, num_workers=workers)
+    writer._write_common = types.MethodType(_ffcv_write, writer)  # FFCV's loop, with dying workers noticed
+    writer.from_indexed_dataset(_Rows(split), chunksize=256)
+
+
+def _writer_worker(errors, work_fn, *args):
+    """One FFCV writer worker: an error goes to the parent (the errno of an OS error, else the traceback) instead of
+    a traceback on stderr, and the worker exits with 1."""
+    try:
+        work_fn(*args)
+    except BaseException as e:
+        errors.put((e.errno if isinstance(e, OSError) else None, traceback.format_exc()))
+        sys.exit(1)
+
+
+def _ffcv_write(self, num_samples, queue_content, work_fn, extra_worker_args):
+    """FFCV 1.0.2's DatasetWriter._write_common with its failure modes closed. FFCV's waits for a sample count that
+    a dead worker (a full disk, a failing sample, the OOM killer) never reaches, so the parent waited forever; here
+    the parent watches the workers and ends with the first one's error, workers report errors rather than print
+    tracebacks, and the workers, queues and shared memory are cleaned up whatever happens."""
+    import ctypes
+    import multiprocessing as mp
+
+    from ffcv.memory_allocator import MemoryAllocator
+    self.num_samples = num_samples
+    self.prepare()  # the header, and the shared block the workers write the metadata into
+    processes, work = [], mp.Queue()
+    try:
+        for todo in queue_content:
+            work.put(todo)
+        for _ in range(self.num_workers):
+            work.put(None)
+        reports, errors, done = mp.Queue(), mp.SimpleQueue(), mp.Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, reports, *extra_worker_args)
+        processes = [mp.Process(target=_writer_worker, args=(errors, work_fn, *args)) for _ in range(self.num_workers)]
+        for p in processes:
+            p.start()
+        table, reported = [], 0
+        with tqdm(total=num_samples, desc=os.path.basename(self.fname), unit="img", leave=False, disable=None) as bar:
+            while reported < len(processes):
+                try:  # each worker reports its allocations once it has written its last page
+                    table.extend(reports.get(timeout=1 if all(p.exitcode == 0 for p in processes) else 0.02))
+                    reported += 1
+                except queue.Empty:
+                    if all(p.exitcode == 0 for p in processes):
+                        raise RuntimeError(f"FFCV's writer workers for {self.fname} ended without reporting") from None
+                bar.update(done.value - bar.n)
+                failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if failed or not errors.empty():
+                    code, text = errors.get() if not errors.empty() else (None, "")
+                    if code is not None:
+                        raise OSError(code, os.strerror(code), self.fname)
+                    if text:
+                        raise RuntimeError(f"FFCV's writer failed on {self.fname}:\n{text}")
+                    raise DataError(f"FFCV's writer process died writing {os.path.basename(self.fname)} (exit code "
+                                    f"{failed[0]}{': killed, out of memory?' if failed[0] == -9 else ''})")
+        if done.value != num_samples:
+            raise RuntimeError(f"FFCV's writer wrote {done.value} of {num_samples} samples of {self.fname}")
+        self.finalize(table)
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+            if p.pid is not None:
+                p.join()
+        work.cancel_join_thread()  # what is left in the queue when a worker failed must not block the exit
+        work.close()
+        self.metadata_sm.close()
+        self.metadata_sm.unlink()
 
 
 def _cells(labels, groups):
@@ -713,35 +899,37 @@ def _cells(labels, groups):
 
 
 def _split_hash(split):
-    h = hashlib.sha256()
-    for key in ("images", "labels", "groups", "attrs"):
-        if key in split:
-            arr = split[key]
-            for i in range(0, len(arr), 4096):  # chunks: images may be a multi-GB memmap
-                h.update(np.ascontiguousarray(arr[i: i + 4096]).tobytes())
-    return h.hexdigest()
+    """The split's content hash, as data.content_hash defines it (what data.py verifies a .beton against)."""
+    blocks = lambda arr: (arr[i: i + 4096] for i in range(0, len(arr), 4096))  # images may be a multi-GB memmap
+    return data.content_hash(blocks(split["images"]), split["labels"], split["groups"],
+                             blocks(split["attrs"]) if "attrs" in split else None)
 
 
 def write_dataset(ds, folder, source, cfg):
-    """Write the three splits and meta.json into `folder`; meta records the build's config (bar out_dir, force)."""
+    """Write the three splits and meta.json into `folder`; meta records the build's config (bar out_dir, force), each
+    file's size and content hash. meta.json is written last, and atomically: a folder with one is whole."""
     sizes = {ds["splits"][s]["images"].shape[1:3] for s in SPLITS}
     assert len(sizes) == 1, sizes
     meta = dict(source=source, criterion=ds["criterion"], classes=ds["classes"], groups=ds["groups"],
                 attributes=ds["attributes"], image_size=list(sizes.pop()), splits={},
                 args={k: v for k, v in cfg.items() if k not in ("out_dir", "force")})
     for s in SPLITS:
-        split = ds["splits"][s]
-        if len(split["labels"]) == 0:
+        if len(ds["splits"][s]["labels"]) == 0:
             raise DataError(f"split {s!r} would be empty; give more images or other --split fractions")
-        write_beton(os.path.join(folder, f"{s}.beton"), split)
+    _need_space(folder, sum(_beton_bytes(ds["splits"][s]) for s in SPLITS) + (1 << 20), "the data set")
+    for s in SPLITS:
+        split, path = ds["splits"][s], os.path.join(folder, f"{s}.beton")
+        write_beton(path, split)
         meta["splits"][s] = dict(n=len(split["labels"]), labelled=bool((split["labels"] >= 0).all()),
-                                 cells=_cells(split["labels"], split["groups"]), sha256=_split_hash(split))
+                                 cells=_cells(split["labels"], split["groups"]), bytes=os.path.getsize(path),
+                                 sha256=_split_hash(split))
         if "files" in split:  # the challenge's test order, for submissions
             meta["splits"][s]["files"] = split["files"]
     meta["content_hash"] = hashlib.sha256("".join(meta["splits"][s]["sha256"] for s in SPLITS).encode()).hexdigest()
     meta["n_skipped"], meta["skipped"] = len(ds["skipped"]), ds["skipped"]
-    with open(os.path.join(folder, "meta.json"), "w") as fh:
+    with open(os.path.join(folder, "meta.json.part"), "w") as fh:
         json.dump(meta, fh, indent=1)
+    os.replace(os.path.join(folder, "meta.json.part"), os.path.join(folder, "meta.json"))
     return meta
 
 
@@ -761,28 +949,175 @@ def parse(source, argv):
                               required=required)
 
 
+def check_config(cfg):
+    """The bounds a type cannot express, checked before any work: a DataError naming the key and what it takes."""
+    def refuse(key, allowed):
+        value = ",".join(map(str, cfg[key])) if isinstance(cfg[key], tuple) else cfg[key]
+        raise DataError(f"--{key}={value}: {allowed}")
+
+    if not 8 <= cfg["size"] <= 1024:
+        refuse("size", "the stored image side in pixels, 8 to 1024")
+    for key in ("noise", "both", "glasses_share", "shift"):
+        if key in cfg and not 0 <= cfg[key] <= 1:
+            refuse(key, "a fraction in 0..1")
+    if "val_frac" in cfg and not 0 < cfg["val_frac"] < 1:
+        refuse("val_frac", "a fraction between 0 and 1, both excluded")
+    for key in ("split", "cells"):
+        if key in cfg:
+            _fractions(cfg[key], key)
+    if "n" in cfg and cfg["n"] < 1:
+        refuse("n", "a number of images, 1 or more")
+    if "seed" in cfg and cfg["seed"] < 0:
+        refuse("seed", "0 or more")
+
+
+def _check_classes(ds):
+    """A classifier needs two classes: a build whose train split holds one (a one-folder tree, a constant criterion,
+    a label file with one label) is refused now, not when training fails on it."""
+    labels = np.asarray(ds["splits"]["train"]["labels"])
+    present = np.unique(labels[labels >= 0])
+    if len(present) >= 2:
+        return
+    which = f"every image is {ds['classes'][present[0]]!r}" if len(present) else "no image has a label"
+    why = (f"--criterion={ds['criterion']!r} has the same value on every image" if ds["criterion"] else
+           "check the class folders or the label file")
+    raise DataError(f"the train split holds one class ({which}): a classifier needs two; {why}")
+
+
+def _leftovers(out):
+    """Hidden folders next to `out` that builds of it made: [(path, kind, pid)], kind "build" (a build's temporary
+    folder) or "old" (the version a --force rebuild moved aside), pid the building process (None: a temporary folder
+    of an older data.py, which did not record it)."""
+    parent, name = os.path.split(out)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:(build|old)-(\d+)-\w+|[a-z0-9_]{{8}})\.tmp$")
+    found = []
+    for entry in sorted(os.listdir(parent)):
+        m = pattern.match(entry)
+        if m and os.path.isdir(os.path.join(parent, entry)):
+            found.append((os.path.join(parent, entry), m[1] or "build", int(m[2]) if m[2] else None))
+    return found
+
+
+def _gone(path, pid):
+    """Is the build that made `path` over: its process gone (an older data.py's folder: untouched for an hour)?"""
+    if pid is None:
+        return time.time() - os.path.getmtime(path) > 3600
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def _whole(folder):
+    """Is `folder` a finished build (meta.json is written last; every file it lists there, at its size)?"""
+    try:
+        data.read_meta(folder, verify="size")
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _drop_scratch(folder):
+    for f in os.listdir(folder):  # celeba's memory-mapped images
+        if f.endswith(".npy"):
+            os.remove(os.path.join(folder, f))
+
+
+def _recover(out):
+    """Finish or remove what killed builds of `out` left next to it (their processes are gone). -> one line per
+    thing done, for the user."""
+    notes, left = [], [(p, kind, pid) for p, kind, pid in _leftovers(out) if _gone(p, pid)]
+    builds = [x for x in left if x[1] == "build"]
+    for old, _, pid in (x for x in left if x[1] == "old"):
+        if os.path.isdir(out):  # killed after the swap: the old version only waited to be deleted
+            shutil.rmtree(old)
+            notes.append(f"removed the previous version of {out} that a --force rebuild killed before its end "
+                         f"(pid {pid}) had moved aside")
+            continue
+        new = next((x for x in builds if x[2] == pid and _whole(x[0])), None)
+        if new:  # killed between the two renames of the swap: the new version is whole, so finish it
+            builds.remove(new)
+            _drop_scratch(new[0])
+            os.replace(new[0], out)
+            shutil.rmtree(old)
+            notes.append(f"finished the --force rebuild of {out} that was killed (pid {pid}) while swapping in the "
+                         "new version: it is in place now, the old one removed")
+        else:
+            os.replace(old, out)
+            notes.append(f"restored {out}: a --force rebuild killed before its end (pid {pid}) had moved it aside")
+    for path, _, _ in builds:
+        shutil.rmtree(path, ignore_errors=True)
+    if builds:
+        notes.append(f"removed {len(builds)} temporary folder{'s' * (len(builds) > 1)} left by killed builds of {out}: "
+                     f"{', '.join(os.path.basename(p) for p, _, _ in builds)}")
+    return notes
+
+
+def _swap(tmp, out):
+    """Move the finished build in. A first build is one rename. A --force rebuild moves the old version aside (to a
+    hidden .NAME.old-PID-*.tmp), the new one in, then deletes the old one: `out` is a whole data set at every instant
+    but the one between the two renames, and a kill there leaves both versions whole for the next build to finish
+    (_recover). Any other failure of the second rename puts the old version back."""
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    parent, name = os.path.split(out)
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{time.time_ns()}.tmp")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)  # if this is cut short, the next build removes the rest
+
+
+def _os_error(e, out_dir):
+    """An OSError of a build -> its one line (a full disk says what to do)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device of {os.path.dirname(os.path.abspath(out_dir))} while writing "
+                f"{os.path.basename(e.filename or '') or 'the data set'} of {out_dir}; free some space or choose "
+                "another --out_dir")
+    return f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else f"{type(e).__name__}: {e}"
+
+
 def build(source, cfg):
-    """Build `source` into cfg["out_dir"] via a temporary folder next to it, renamed only when everything is
-    written. -> meta.json's contents."""
+    """Build `source` into cfg["out_dir"] via a temporary folder next to it, swapped in only when everything is
+    written (see _swap); first finish or remove what killed builds of the same out_dir left. -> meta.json's
+    contents."""
+    check_config(cfg)
     out = os.path.abspath(cfg["out_dir"])
-    if os.path.exists(out) and not cfg["force"]:
-        raise DataError(f"{cfg['out_dir']} already exists; pass --force to rebuild it")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
+    parent, name = os.path.split(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out_dir={cfg['out_dir']} is a file, not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for note in _recover(out):
+            print(note)
+        if os.path.isdir(out):
+            if not cfg["force"]:
+                raise DataError(f"{cfg['out_dir']} already exists; pass --force to rebuild it")
+            if os.listdir(out) and not os.path.isfile(os.path.join(out, "meta.json")):
+                raise DataError(f"{cfg['out_dir']} holds other things than a data set (no meta.json): --force "
+                                "replaces data sets only; choose another --out_dir")
+        tmp = tempfile.mkdtemp(prefix=f".{name}.build-{os.getpid()}-", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise DataError(f"--out_dir={cfg['out_dir']}: cannot write there ({_os_error(e, cfg['out_dir'])})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     try:
         fn = SOURCES[source][0]
         ds = fn(cfg, scratch=tmp) if fn is celeba_source else fn(cfg)
+        _check_classes(ds)
         meta = write_dataset(ds, tmp, source, cfg)
-        for f in os.listdir(tmp):  # scratch memmaps
-            if f.endswith(".npy"):
-                os.remove(os.path.join(tmp, f))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _drop_scratch(tmp)
+        _swap(tmp, out)
+    except OSError as e:
+        raise DataError(_os_error(e, cfg["out_dir"])) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left behind on failure (a no-op after the rename)
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left behind on failure (a no-op after the swap)
     return meta
-
