@@ -104,8 +104,10 @@ def _not_a_data_set(data_dir):
 
 
 def _rebuild(data_dir, meta):
-    return (f"rebuild it: python data.py {meta.get('source', 'SOURCE')} --out_dir={data_dir} --force (with the "
-            "options recorded in its meta.json)")
+    if "source" not in meta:
+        return f"rebuild it: python data.py SOURCE --out_dir={data_dir} --force"
+    return (f"rebuild it: python data.py {meta['source']} --out_dir={data_dir} --force (with the options recorded in "
+            "its meta.json)")
 
 
 def _open_beton(data_dir, split, meta):
