@@ -591,6 +591,11 @@ def main(argv=None):
     if differ := data.mismatch(ck_meta.get("data", {}), meta):
         sys.exit(f"error: {args.ckpt} was trained for another task or data than {args.data_dir} (trained vs here: "
                  f"{differ})")
+    try:  # open the splits predict will read: a damaged file is one line now
+        for split in {args.split, "val"} & set(meta["splits"]):
+            data.load_labels(args.data_dir, split)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     if args.submit and len(classes) != 2:
         sys.exit("error: the challenge format (-1/1) needs a 2-class data set")
     names = meta.get("groups") or list(GROUP_NAMES)

@@ -269,6 +269,7 @@ def train(cfg):
     try:
         meta = data.read_meta(c.data_dir)
         _, val_groups = data.load_labels(c.data_dir, "val")
+        data.load_labels(c.data_dir, "test")  # opens the split: a damaged file is one line now, not after training
         train_x, train_y, _ = data.load_split(c.data_dir, "train")
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")

@@ -212,6 +212,7 @@ def train(cfg):
         sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
     try:
         meta = data.read_meta(c.data_dir)
+        data.load_labels(c.data_dir, "train")  # opens the split: a damaged file is one line now, not at the loader
         _, val_groups = data.load_labels(c.data_dir, "val")
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
