@@ -428,8 +428,8 @@ def bench_end_to_end(results, data_dir, run):
         return sum(step_alone() for _ in range(steps))
 
     r = interleaved({"loop": loop, "alone": alone}, run.pairs_e2e)
-    row(results, f"end to end: training loop vs step alone @{img_size} ({run.e2e_backend}, {steps} steps a round)",
-        r["loop"], r["alone"])
+    row(results, f"end to end: training loop vs step alone @{img_size} (batch {batch}, {run.e2e_backend})", r["loop"],
+        r["alone"], note=f"{steps} steps a round")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,7 +478,8 @@ def settings(cfg, argv=()):
         batch=256, out_size=80 if cpu else 224,  # loader/augment: 80x80 out on the CPU; the GPU feeds the 224 model
         pairs_augment=pairs(7, 15), pairs_loader=pairs(3, 3), pairs_model=pairs(3, 5), pairs_e2e=pairs(3, 5),
         model_batch_80=8 if quick else (32 if cpu else 256), model_batch_224=2 if quick else (4 if cpu else 64),
-        e2e_size=80 if cpu else 224, e2e_batch=32 if cpu else 64, e2e_steps=2 if quick else (3 if cpu else 50),
+        e2e_size=80 if cpu else 224, e2e_batch=(16 if quick else 32) if cpu else 64,
+        e2e_steps=2 if quick else (3 if cpu else 50),
         e2e_backend="resident",
     )
 

@@ -417,7 +417,7 @@ def augment(x_u8, out_size, generator=None, *, crop_p=1.0, crop_scale=(0.5, 1.0)
     rand = lambda *lead: torch.rand(*lead, B, device=dev, generator=generator)
     coin = lambda p: rand() < p
     per_sample = dev.type in _PER_SAMPLE_DEVICES
-    x = x_u8.to(torch.float32, copy=True)  # a new buffer: the ops below work in place
+    x = x_u8.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # our own buffer, worked in place
 
     # 1. crop + flip + rotation as one grid_sample. An output pixel p (normalised coords) is rotated into the
     # cropped image's frame (q = R p, black where q leaves it), then mapped into the crop box (flip = negative x scale):

@@ -573,13 +573,13 @@ def test_cli_help_lists_sources_and_keys(tmp_path, capsys):
 # augmentation: the fast paths (an op is computed only where it was drawn) against plain references
 
 def _augment_draws(gen, B):
-    """augment()'s draws in their order, up to the blur's: -> its coins and sigma indices. Replaying them here checks
-    that the order is the documented one (crop box, crop coin, corner, flip, rotation, erase box, erase coin, corner,
-    colour coin, factors, blur coin, sigma)."""
+    """augment()'s draws in their order: -> (colour coins, brightness, saturation, blur coins, sigma indices), all
+    uniform in [0, 1) but the indices. Replaying them here checks that the order is the documented one (crop box, crop
+    coin, corner, flip, rotation coin, angle, erase box, erase coin, corner, colour coin, factors, blur coin, sigma)."""
     r = lambda *lead: torch.rand(*lead, B, generator=gen)
-    for lead in [(10,), (10,)] + [()] * 6 + [(10,), (10,)] + [()] * 6:
+    for lead in [(10,), (10,)] + [()] * 6 + [(10,), (10,)] + [()] * 3:
         r(*lead)
-    return r(), (r() * 10).long().clamp(max=9)
+    return r(), r(), r(), r(), (r() * 10).long().clamp(max=9)
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7])
@@ -589,7 +589,7 @@ def test_blur_of_the_drawn_samples_equals_a_plain_2d_convolution(batch, kernel):
     sigma = (0.5, 2.0)
     out = data.augment(x, W, torch.Generator().manual_seed(9),
                        **{**OFF, "blur_p": 0.5, "blur_kernel": kernel, "blur_sigma": sigma})
-    coins, which = _augment_draws(torch.Generator().manual_seed(9), B)
+    *_, coins, which = _augment_draws(torch.Generator().manual_seed(9), B)
     drawn = coins < 0.5
     assert 0 < drawn.sum() < B
     ref = x.double()
@@ -639,3 +639,17 @@ def test_augment_checks_the_kernel_and_ignores_autocast(batch):
     plain = data.augment(batch, 32, torch.Generator().manual_seed(12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(data.augment(batch, 32, torch.Generator().manual_seed(12)), plain)
+
+
+def test_colour_jitter_of_the_drawn_samples_equals_the_formula(batch):
+    x = batch[:16]
+    out = data.augment(x, x.shape[-1], torch.Generator().manual_seed(13), **{**OFF, "color_p": 0.5})
+    coins, b, s, *_ = _augment_draws(torch.Generator().manual_seed(13), len(x))
+    drawn = coins < 0.5
+    assert 0 < drawn.sum() < len(x)
+    b, s = (1 + 0.5 * v.double().view(-1, 1, 1, 1) for v in (b, s))  # the defaults: both factors in (1.0, 1.5)
+    px = x.double()
+    grey = sum(w * px[:, c:c + 1] for c, w in enumerate(data.GREY))
+    ref = data.prepare((s * b * px + (1 - s) * grey).clamp(0, 255).float(), x.shape[-1])
+    assert torch.allclose(out[drawn], ref[drawn], atol=1e-4)
+    assert torch.equal(out[~drawn], data.prepare(x[~drawn], x.shape[-1]))  # the others untouched, bit for bit
