@@ -435,14 +435,20 @@ def bench_end_to_end(results, data_dir, run):
 # ---------------------------------------------------------------------------------------------------------------
 # report and command line
 
-def write_report(results, run, seconds):
-    """OUT_DIR/bench.json and a markdown table, OUT_DIR/bench.md, each written atomically."""
+def write_report(results, run, seconds, load=None):
+    """OUT_DIR/bench.json and a markdown table, OUT_DIR/bench.md, each written atomically. load: the 1-minute load
+    averages at the start and the end, for the record."""
     when = time.strftime("%Y-%m-%d")
+    cores = len(os.sched_getaffinity(0))
     machine = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores"
+        f"{platform.processor() or platform.machine()} CPU, {cores} cores"
+    busy = "" if load is None else (f" The machine's 1-minute load average was {load[0]:.1f} at the start and "
+                                    f"{load[1]:.1f} at the end, on {cores} cores" +
+                                    (": other work shared the cores, so expect a wide spread." if max(load) > cores
+                                     else "."))
     lines = [f"# bench ({when}, {machine}, torch {torch.__version__}, `{run.command}`, {seconds / 60:.1f} min)", "",
              "Each ratio is the median over interleaved rounds (A B A B ...) of ours / baseline, with its spread; "
-             "ours and baseline are the medians of each side.", "",
+             "ours and baseline are the medians of each side." + busy, "",
              "| benchmark | ours | baseline | unit | ratio | min-max | IQR | pairs |", "|---" * 8 + "|"]
     notes = []
     for name, r in results.items():
@@ -495,7 +501,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     run = settings(configurator.parse(argv, CONFIG, __file__), argv)
     torch.manual_seed(0)
-    results, t0 = {}, time.time()
+    results, t0, load = {}, time.time(), os.getloadavg()[0]
+    if load > len(os.sched_getaffinity(0)):
+        print(f"note: load average {load:.1f} on {len(os.sched_getaffinity(0))} cores: other work shares them, the "
+              "ratios will spread", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # the augmentation alone needs 256 images, not the loader benchmarks' set
         data_dir = make_synthetic(tmp, run.n if {"loader", "e2e"} & set(run.only) else 300)
@@ -508,7 +517,7 @@ def main(argv=None):
             bench_model(results, 224, run.model_batch_224, run)
         if "e2e" in run.only:
             bench_end_to_end(results, data_dir, run)
-    write_report(results, run, time.time() - t0)
+    write_report(results, run, time.time() - t0, load=(load, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

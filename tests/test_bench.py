@@ -94,11 +94,11 @@ def test_cli_settings_and_report(tmp_path, capsys):
     results = {}
     bench.row(results, "augment: test", [300.0, 330.0], [100.0, 100.0])
     bench.row(results, "model: flops", 50.0, 100.0, unit="GFLOP/s", note="peak by a method")
-    bench.write_report(results, run, 90.0)
+    bench.write_report(results, run, 90.0, load=(3.5, 1.0))
     saved = json.loads((tmp_path / "bench.json").read_text())["augment: test"]
     assert (saved["ratio"], saved["ratio_min"], saved["ratio_max"], saved["pairs"]) == (3.15, 3.0, 3.3, 2)
     md = (tmp_path / "bench.md").read_text()
-    assert "`python bench.py --quick --only=augment,model`" in md
+    assert "`python bench.py --quick --only=augment,model`" in md and "load average was 3.5 at the start" in md
     assert "| augment: test | 315.0 | 100.0 | img/s | **3.15x** | 3.0-3.3 |" in md and "- model: flops: peak by" in md
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "bench.md"]
     for argv, wanted in ((["--only=augment,speed"], "--only=augment,speed"), (["--quik"], "did you mean --quick"),
