@@ -17,7 +17,9 @@ beside the median throughput of each side. A shared machine's load drifts; it hi
    measured fp32 matmul, or on CUDA against the GPU's dense bf16 peak (MFU). Inference with and without attention.
 4. e2e: the training loop (loader + augment + step) vs the step alone on a resident batch: img/s
 On CUDA also ours in bf16 + compile vs fp32 eager, and the estimated time of one epoch of the original recipe
-(train_vit.py --config=recipe: CelebA train, 162,770 images) at 224 and 80.
+(train_vit.py --config=recipe: CelebA train, 162,770 images) at 224 and 80. The process first calls
+data.keep_freed_memory() (glibc reuses freed memory instead of page-faulting batch-sized tensors in anew; it applies to
+every side alike; --keep_freed_memory=false measures the allocator's defaults).
 Writes OUT_DIR/bench.json ({name: {ours, baseline, unit, ratio, ratio_min, ratio_max, ratio_q1, ratio_q3, pairs,
 note}}) and OUT_DIR/bench.md.
 """
@@ -48,6 +50,7 @@ CONFIG = dict(
     device="auto",  # auto (CUDA when there is one, else the CPU), cpu, cuda, cuda:1, ...
     out_dir="runs",  # bench.json and bench.md go here
     pairs=0,  # interleaved rounds per comparison after warm-up (0: each benchmark's default, fewer with quick)
+    keep_freed_memory=True,  # data.keep_freed_memory() first (glibc keeps freed memory: no page faults per batch)
 )
 BENCHMARKS = ("loader", "augment", "model", "e2e")
 CELEBA_TRAIN = 162_770
@@ -448,7 +451,9 @@ def write_report(results, run, seconds, load=None):
                                      else "."))
     lines = [f"# bench ({when}, {machine}, torch {torch.__version__}, `{run.command}`, {seconds / 60:.1f} min)", "",
              "Each ratio is the median over interleaved rounds (A B A B ...) of ours / baseline, with its spread; "
-             "ours and baseline are the medians of each side." + busy, "",
+             "ours and baseline are the medians of each side." + busy +
+             (" glibc's malloc kept freed memory for reuse (data.keep_freed_memory(), for every side alike)."
+              if getattr(run, "malloc", False) else ""), "",
              "| benchmark | ours | baseline | unit | ratio | min-max | IQR | pairs |", "|---" * 8 + "|"]
     notes = []
     for name, r in results.items():
@@ -478,7 +483,7 @@ def settings(cfg, argv=()):
         sys.exit(f"error: --pairs={cfg['pairs']} must be >= 0 (0: the defaults)")
     pairs = lambda quick_n, full_n: cfg["pairs"] or (quick_n if quick else full_n)
     return types.SimpleNamespace(
-        device=dev, quick=quick, only=only, out_dir=cfg["out_dir"],
+        device=dev, quick=quick, only=only, out_dir=cfg["out_dir"], keep_freed_memory=cfg["keep_freed_memory"],
         command=" ".join(["python bench.py", *argv]),
         n=2048 if quick else (20000 if cpu else 100_000),  # synthetic images for the loader benchmarks
         batch=256, out_size=80 if cpu else 224,  # loader/augment: 80x80 out on the CPU; the GPU feeds the 224 model
@@ -501,6 +506,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     run = settings(configurator.parse(argv, CONFIG, __file__), argv)
     torch.manual_seed(0)
+    run.malloc = data.keep_freed_memory() if run.keep_freed_memory else False
     results, t0, load = {}, time.time(), os.getloadavg()[0]
     if load > len(os.sched_getaffinity(0)):
         print(f"note: load average {load:.1f} on {len(os.sched_getaffinity(0))} cores: other work shares them, the "

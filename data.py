@@ -421,15 +421,18 @@ def augment(x_u8, out_size, generator=None, *, crop_p=1.0, crop_scale=(0.5, 1.0)
 
     # 1. crop + flip + rotation as one grid_sample. An output pixel p (normalised coords) is rotated into the
     # cropped image's frame (q = R p, black where q leaves it), then mapped into the crop box (flip = negative x scale):
-    # g = S R p + t, one affine map per sample, written straight into the grid (no affine_grid, no bmm)
+    # g = S F R p + t, one affine map per sample, written straight into the grid (no affine_grid, no bmm). The flip F
+    # is done after the warp instead, on the output: F R(angle) p = R(-angle) F p, and F p is the mirrored pixel. Same
+    # image, but grid_sample reads a mirrored grid ~3x slower on the CPU
     ch, cw, fits = _boxes(rand, H, W, crop_scale, crop_ratio)
     crop = coin(crop_p) & fits
     ch, cw = torch.where(crop, ch, H), torch.where(crop, cw, W)
     top, left = rand() * (H - ch), rand() * (W - cw)
-    flip = torch.where(coin(flip_p), -1.0, 1.0)
+    flipped = coin(flip_p)
     angle = torch.where(coin(rotate_p), (2 * rand() - 1) * max_angle, 0.0)
     if crop_p > 0 or flip_p > 0 or rotate_p > 0:
-        cos, sin, sx, sy = angle.cos(), angle.sin(), flip * cw / W, ch / H
+        angle = torch.where(flipped, -angle, angle)
+        cos, sin, sx, sy = angle.cos(), angle.sin(), cw / W, ch / H
         tx, ty = (2 * left + cw) / W - 1, (2 * top + ch) / H - 1
         px = (2 * torch.arange(W, device=dev) + 1) / W - 1  # pixel centres, align_corners=False
         py = ((2 * torch.arange(H, device=dev) + 1) / H - 1)[:, None]
@@ -438,11 +441,13 @@ def augment(x_u8, out_size, generator=None, *, crop_p=1.0, crop_scale=(0.5, 1.0)
         torch.add(v(sx * cos) * px, v(-sx * sin * H / W) * py + v(tx), out=grid[..., 0])
         torch.add(v(sy * sin * W / H) * px, v(sy * cos) * py + v(ty), out=grid[..., 1])
         if rotate_p > 0:  # |q| > 1 <=> g outside the crop box; a far-off x coordinate samples only the zero padding
-            outside = ((grid[..., 0] - v(tx)).abs_() > v(sx.abs())) | ((grid[..., 1] - v(ty)).abs_() > v(sy))
+            outside = ((grid[..., 0] - v(tx)).abs_() > v(sx)) | ((grid[..., 1] - v(ty)).abs_() > v(sy))
             grid[..., 0].masked_fill_(outside, -8.0)
         with torch.autocast(dev.type, enabled=False):  # fp32 even inside a caller's autocast
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = x.round_()  # the original pipeline is uint8 between ops
+        if flip_p > 0:
+            x = _on_drawn(flipped, x, lambda xs, i: xs.flip(-1))
 
     # 2. random erasing (torchvision's sampling: 10 tries, none fits -> no erasing)
     eh, ew, fits = _boxes(rand, H, W, erase_area, (1 / erase_ratio[1], 1 / erase_ratio[0]))
@@ -486,6 +491,23 @@ def augment(x_u8, out_size, generator=None, *, crop_p=1.0, crop_scale=(0.5, 1.0)
         x = _on_drawn(blur, x, gaussian)
 
     return _normalise(x, out_size)
+
+
+def keep_freed_memory():
+    """Process-wide, on Linux with glibc (a no-op elsewhere): keep freed memory for reuse instead of handing it back
+    to the OS, and serve blocks up to 32 MB from the heap instead of fresh mmaps. Batch-sized CPU tensors (20 MB for
+    256 images at 80x80) are then reused from one batch to the next instead of being page-faulted in anew: augment()
+    on the CPU runs ~1.7x faster (~9,800 -> ~900 page faults a call for 256x3x80x80). The price: the process keeps
+    its peak memory, as PyTorch's CUDA allocator does on a GPU. -> True when set."""
+    import ctypes
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 # named augmentation lists (the training scripts' augment=NAME): keyword overrides of augment(); None = prepare()

@@ -124,7 +124,7 @@ def test_main_runs_only_what_it_is_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bench_augment", fake_augment)
     for name in ("bench_loaders", "bench_model", "bench_end_to_end"):
         monkeypatch.setattr(bench, name, lambda *a: pytest.fail("not asked for"))
-    bench.main(["--quick", "--only=augment", "--device=cpu", f"--out_dir={tmp_path}"])
+    bench.main(["--quick", "--only=augment", "--device=cpu", f"--out_dir={tmp_path}", "--keep_freed_memory=false"])
     quick = bench.settings(bench.CONFIG | {"quick": True, "device": "cpu"})
     assert seen == {"n": 300, "x": (256, 3, 8, 8), "pairs": quick.pairs_augment}
     assert json.loads((tmp_path / "bench.json").read_text())["augment: stub"]["ratio"] == 3.0

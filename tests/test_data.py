@@ -653,3 +653,11 @@ def test_colour_jitter_of_the_drawn_samples_equals_the_formula(batch):
     ref = data.prepare((s * b * px + (1 - s) * grey).clamp(0, 255).float(), x.shape[-1])
     assert torch.allclose(out[drawn], ref[drawn], atol=1e-4)
     assert torch.equal(out[~drawn], data.prepare(x[~drawn], x.shape[-1]))  # the others untouched, bit for bit
+
+
+def test_keep_freed_memory_sets_glibc_malloc_or_does_nothing():
+    import platform
+    code = "import data; print(data.keep_freed_memory(), data.keep_freed_memory())"  # own process: it is process-wide
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert r.stdout.split() == [str(glibc)] * 2
