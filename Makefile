@@ -15,7 +15,7 @@ ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table bench clean
+.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,12 +72,19 @@ mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / MixMatch without mixup / full, 3 seeds -> runs/ssl_table/ssl_table.md
 	$(PY) train_mixmatch.py --table --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) --out_dir=runs/ssl_table $(SSL_ARGS) $(ARGS)
 
+robust-table: setup data/robust/meta.json  ## ERM vs reweighting, over/subsampling, Group DRO, JTT, DFR, 3 seeds -> runs/robust/robust_table.md
+	$(PY) train_vit.py --config=robust --table=robust $(ARGS)
+
 bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)
 
 # the offline synthetic sets, built on first use (the .venv/.done prerequisite is order-only: no rebuild on setup)
 data/demo/meta.json: | .venv/.done
 	$(PY) data.py synthetic --n 12000 --out data/demo
+
+data/robust/meta.json: | .venv/.done  # Blond_Hair x Male with CelebA's rare cell (blond men, 1%), 40x40
+	$(PY) data.py synthetic --n=20000 --size=40 --criterion=Blond_Hair --group=Male --cells=0.44,0.14,0.41,0.01 \
+	  --glasses_share=0 --both=0 --noise=0 --split=0.5,0.25,0.25 --out=data/robust
 
 data/ssl/meta.json: | .venv/.done
 	$(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
