@@ -196,18 +196,16 @@ def cpu_peak(info=None, cores=None):
                   f"fp32 FLOP/cycle ({isa})")
 
 
-def matmul_rate(device, n=2048, repeats=5):
-    """Best fp32 GFLOP/s of an n x n matrix product on `device` (what the BLAS reaches here, a practical ceiling)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+def matmul_fn(device, dtype=torch.float32, n=2048, repeats=3):
+    """-> fn(): `repeats` n x n matrix products on `device`, returning the GFLOP done, so that interleaved() gives
+    GFLOP/s: what the BLAS reaches here (a practical ceiling), measured in the same rounds as what it is compared to."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+
+    def products():
+        for _ in range(repeats):
+            a @ b
+        return repeats * 2 * n ** 3 / 1e9
+    return products
 
 
 def gpu_peak(name):
@@ -363,7 +361,9 @@ def bench_model(results, img_size, batch, run):
     nets = {name: net.to(dev).train() for name, net in vit_trio(img_size).items()}
     steps = {name: train_step_fn(net, batch, img_size, dev, amp=cuda, compile=cuda) for name, net in nets.items()}
     how = "bf16 + compile" if cuda else "fp32 eager"
-    r = interleaved(steps, run.pairs_model, warmup=3 if cuda else 1)
+    mm = dict(dtype=torch.bfloat16, n=8192, repeats=20) if cuda else dict(dtype=torch.float32, n=2048, repeats=3)
+    r = interleaved({**steps, "matmul": matmul_fn(dev, **mm)}, run.pairs_model, warmup=3 if cuda else 1)
+    mm_note = f"{mm['repeats']} products {mm['n']}x{mm['n']} {str(mm['dtype'])[6:]} in every round"
     for other in ("timm", "transformers"):
         row(results, f"model: train step ours vs {other} @{img_size} (batch {batch}, {how})", r["ours"], r[other])
 
@@ -372,15 +372,17 @@ def bench_model(results, img_size, batch, run):
     achieved = [rate * flops / 1e9 for rate in r["ours"]]  # GFLOP/s, one per round
     if cuda:
         peak, how_peak = gpu_peak(torch.cuda.get_device_name(dev))
-        row(results, f"model: MFU, ours train step @{img_size} (bf16 + compile)", [a / 1e3 for a in achieved], peak,
-            unit="TFLOP/s", note=f"{flops / 1e9:.1f} GFLOP/img counted; {how_peak}")
+        tflops = [a / 1e3 for a in achieved]
+        row(results, f"model: MFU, ours train step @{img_size} (bf16 + compile)", tflops, peak, unit="TFLOP/s",
+            note=f"{flops / 1e9:.1f} GFLOP/img counted; {how_peak}")
+        row(results, f"model: the same vs a measured bf16 matmul @{img_size}", tflops,
+            [m / 1e3 for m in r["matmul"]], unit="TFLOP/s", note=mm_note)
     else:
         peak, how_peak = cpu_peak()
         row(results, f"model: CPU FLOP/s share, ours train step @{img_size}", achieved, peak, unit="GFLOP/s",
             note=f"{flops / 1e9:.1f} GFLOP/img counted; {how_peak}")
-        mm = matmul_rate(dev)
-        row(results, f"model: the same vs a measured fp32 matmul @{img_size}", achieved, mm, unit="GFLOP/s",
-            note="best of 5 2048x2048 products, after the rounds")
+        row(results, f"model: the same vs a measured fp32 matmul @{img_size}", achieved, r["matmul"], unit="GFLOP/s",
+            note=mm_note)
 
     ours = nets["ours"].eval()
     x = torch.randn(batch, 3, img_size, img_size, device=dev)

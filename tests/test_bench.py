@@ -56,6 +56,8 @@ def test_flops_are_counted_on_the_cpu_attention_too():
     assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 2 * 8 * 4  # forward, grad input, grad weight
     q = torch.randn(1, 2, 5, 8)
     assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * 2 * 5 * 5 * 8)
+    products = bench.matmul_fn(torch.device("cpu"), n=4, repeats=2)
+    assert products() == 2 * 2 * 4 ** 3 / 1e9 == bench.count_flops(products) / 1e9
 
 
 def test_the_three_vits_are_one_model():
