@@ -155,7 +155,9 @@ def test_subsample_run_draws_each_epoch_and_resumes_exactly(tiny_data, tmp_path,
 def test_config_of_the_methods():
     cfg = train_vit.parse_config(["--group_weights=inverse", "--sampler=subsample"])
     assert cfg["group_weights"] == "inverse" and cfg["sampler"] == "subsample"
-    assert train_vit.parse_config(["--config=robust"])["select"] == "worst_group"
+    robust, gpu = train_vit.parse_config(["--config=robust"]), train_vit.parse_config(["--config=robust_gpu"])
+    assert (robust["select"], robust["init"], robust["data_dir"]) == ("worst_group", "scratch", "data/robust")
+    assert (gpu["select"], gpu["init"], gpu["img_size"], gpu["loss"]) == ("worst_group", "dino", 80, "ce")
     for args, message in [(["--group_weights=inverted"], "--group_weights=inverted needs 4 comma-separated values"),
                           (["--loss=group_dro", "--group_weights=inverse"], "loss=group_dro weighs the cells itself"),
                           (["--jtt_epochs=1", "--sampler=balanced"], "upsamples its error set itself"),
