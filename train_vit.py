@@ -9,6 +9,9 @@ original 4th-place solution (DINO ViT-S/8 fine-tuned with SING at 224). Override
     python train_vit.py --config=recipe --data=data/celeba --img_size=80           # native 80x80, ~8x cheaper
     python train_vit.py --sweep="0 1 2" --config=recipe --data=data/celeba        # runs/sweep/seed<N>, sweep.md
     torchrun --standalone --nproc_per_node=8 train_vit.py --data=data/celeba      # DDP: NCCL on GPU, gloo on CPU
+    python train_vit.py --config=robust --loss=group_dro --out_dir=runs/dro       # or --jtt_epochs=1, --sampler=...
+    python train_vit.py --config=robust --dfr=runs/erm/last.safetensors --out_dir=runs/dfr  # DFR: refit the head
+    python train_vit.py --config=robust --table=robust  # each debiasing method x 3 seeds -> runs/robust/robust_table.md
 
 A run writes out_dir/log.jsonl (one line per epoch, validation metrics under evaluate.py's names),
 best.safetensors (best validation metric, select=), last.safetensors (+ optimizer, RNG and epoch state for
