@@ -72,8 +72,13 @@ mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / MixMatch without mixup / full, 3 seeds -> runs/ssl_table/ssl_table.md
 	$(PY) train_mixmatch.py --table --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) --out_dir=runs/ssl_table $(SSL_ARGS) $(ARGS)
 
-robust-table: setup data/robust/meta.json  ## ERM vs reweighting, over/subsampling, Group DRO, JTT, DFR, 3 seeds -> runs/robust/robust_table.md
-	$(PY) train_vit.py --config=robust --table=robust $(ARGS)
+# robust-table: data/robust (synthetic Blond_Hair x Male, built on first use) unless DATA is given on the command line
+ROBUST_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),robust)
+ROBUST_OUT  := $(if $(filter command line,$(origin DATA)),runs/robust_$(DATA),runs/robust)
+ROBUST_ARGS ?= --config=robust
+
+robust-table: setup data/$(ROBUST_DATA)/meta.json  ## debiasing methods x 3 seeds -> runs/robust/robust_table.md (ARGS=--quick: 2 min)
+	$(PY) train_vit.py --table=robust $(ROBUST_ARGS) --data=data/$(ROBUST_DATA) --out_dir=$(ROBUST_OUT) $(ARGS)
 
 bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)
@@ -85,6 +90,9 @@ data/demo/meta.json: | .venv/.done
 data/robust/meta.json: | .venv/.done  # Blond_Hair x Male with CelebA's rare cell (blond men, 1%), 40x40
 	$(PY) data.py synthetic --n=20000 --size=40 --criterion=Blond_Hair --group=Male --cells=0.44,0.14,0.41,0.01 \
 	  --glasses_share=0 --both=0 --noise=0 --split=0.5,0.25,0.25 --out=data/robust
+
+data/celeba_blond/meta.json: | .venv/.done
+	$(PY) data.py celeba --criterion Blond_Hair --group Male --out data/celeba_blond
 
 data/ssl/meta.json: | .venv/.done
 	$(PY) data.py synthetic --n 12000 --target Male --group none --out data/ssl
