@@ -489,7 +489,7 @@ def settings(cfg, argv=()):
         command=" ".join(["python bench.py", *argv]),
         n=2048 if quick else (20000 if cpu else 100_000),  # synthetic images for the loader benchmarks
         batch=256, out_size=80 if cpu else 224,  # loader/augment: 80x80 out on the CPU; the GPU feeds the 224 model
-        pairs_augment=pairs(7, 15), pairs_loader=pairs(3, 3), pairs_model=pairs(3, 5), pairs_e2e=pairs(3, 5),
+        pairs_augment=pairs(7, 15), pairs_loader=pairs(3, 3), pairs_model=pairs(3, 5), pairs_e2e=pairs(5, 5),
         model_batch_80=8 if quick else (32 if cpu else 256), model_batch_224=2 if quick else (4 if cpu else 64),
         e2e_size=80 if cpu else 224, e2e_batch=(16 if quick else 32) if cpu else 64,
         e2e_steps=2 if quick else (3 if cpu else 50),
