@@ -15,7 +15,7 @@ ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench clean
+.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ robust-table: setup data/$(ROBUST_DATA)/meta.json  ## debiasing methods x 3 seed
 
 bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)
+
+gpu-check: setup  ## the GPU acceptance: CUDA tests, bench at 80/224, a recipe epoch at CelebA size, DDP -> runs/gpu_check.md
+	$(PY) bench.py --gpu_check $(ARGS)
 
 # the offline synthetic sets, built on first use (the .venv/.done prerequisite is order-only: no rebuild on setup)
 data/demo/meta.json: | .venv/.done

@@ -30,14 +30,17 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import configurator
 import data
@@ -51,9 +54,12 @@ CONFIG = dict(
     out_dir="runs",  # bench.json and bench.md go here
     pairs=0,  # interleaved rounds per comparison after warm-up (0: each benchmark's default, fewer with quick)
     keep_freed_memory=True,  # data.keep_freed_memory() first (glibc keeps freed memory: no page faults per batch)
+    gpu_check=False,  # make gpu-check: the GPU acceptance (see gpu_check) -> out_dir/gpu_check.md; a dry run on a CPU
 )
 BENCHMARKS = ("loader", "augment", "model", "e2e")
-CELEBA_TRAIN = 162_770
+CELEBA_SPLITS = (162_770, 19_867, 19_962)  # CelebA's official train / val / test sizes
+CELEBA_TRAIN = CELEBA_SPLITS[0]
+ROOT = os.path.dirname(os.path.abspath(__file__))
 # dense bf16 tensor-core peaks (no sparsity), TFLOP/s; the first name contained in the device's name wins
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
@@ -356,9 +362,9 @@ def bench_loaders(results, data_dir, run):
 # ---------------------------------------------------------------------------------------------------------------
 # 3. model
 
-def bench_model(results, img_size, batch, run):
+def bench_model(results, img_size, batch, run, depth=12):
     dev, cuda = run.device, run.device.type == "cuda"
-    nets = {name: net.to(dev).train() for name, net in vit_trio(img_size).items()}
+    nets = {name: net.to(dev).train() for name, net in vit_trio(img_size, depth).items()}
     steps = {name: train_step_fn(net, batch, img_size, dev, amp=cuda, compile=cuda) for name, net in nets.items()}
     how = "bf16 + compile" if cuda else "fp32 eager"
     mm = dict(dtype=torch.bfloat16, n=8192, repeats=20) if cuda else dict(dtype=torch.float32, n=2048, repeats=3)
@@ -438,7 +444,167 @@ def bench_end_to_end(results, data_dir, run):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 5. make gpu-check: the GPU acceptance in one command
+
+def celeba_size_set(folder, sizes, draw=20_000):
+    """A synthetic data set with the given train / val / test sizes, built in about a minute: `draw` faces are drawn
+    (sources.synthetic_source) and tiled to the sizes (which faces repeat does not change the speed) -> folder."""
+    import sources  # the data builders: only this check needs them
+    cfg = {**sources.SYNTHETIC, "n": min(draw, sum(sizes)), "out_dir": folder}
+    ds = sources.synthetic_source(cfg)
+    for split, n in zip(data.SPLITS, sizes):
+        arrays = ds["splits"][split]
+        idx = np.arange(n) % len(arrays["labels"])
+        ds["splits"][split] = {k: v[idx] for k, v in arrays.items()}
+    os.makedirs(folder)
+    sources.write_dataset(ds, folder, "synthetic", cfg)
+    return folder
+
+
+def dino_layout_file(path, depth):
+    """A ViT-S/8 weights file in DINO's layout with random values (the Hub may be out of reach; speed and memory do
+    not depend on the values) -> path."""
+    torch.manual_seed(0)
+    net = model.ViT(model.ViTConfig(depth=depth))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def shell(cmd):
+    return " ".join(a if a and " " not in a else repr(a) for a in cmd)
+
+
+def recipe_run(cmd, out_dir, env=None):
+    """Run one recipe epoch (train_vit.py in a subprocess, its output on this terminal) -> (ok, seconds, the epoch's
+    log.jsonl record or {})."""
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    seconds = time.time() - t0
+    log = os.path.join(out_dir, "log.jsonl")
+    record = json.loads(Path(log).read_text().splitlines()[-1]) if proc.returncode == 0 and os.path.exists(log) \
+        else {}
+    return proc.returncode == 0 and bool(record), seconds, record
+
+
+def recipe_numbers(record, seconds, n_gpus=1):
+    if not record:
+        return "-"
+    train_s = record["train_s"]
+    memory = f", peak {record['peak_mem_gib']:.1f} GiB a GPU" if "peak_mem_gib" in record else ""
+    return (f"{record['img_per_s']:,.0f} img/s on {n_gpus}; epoch {train_s:.0f} s train + "
+            f"{record['time_s'] - train_s:.0f} s validation ({seconds:.0f} s with start-up and compile){memory}")
+
+
+def gpu_check(run):
+    """The GPU acceptance: the CUDA-marked tests, the model benchmark at 80 and 224 (and the augmentation) on the
+    GPU, one epoch of the recipe (train_vit.py --config=recipe: ViT-S/8 at 224, SING, bf16 + compile) on a synthetic
+    set of CelebA's size, the same over every visible GPU with torchrun (NCCL) when there are several, the peak
+    memory; every number and command into out_dir/gpu_check.md and gpu_check.json. On a CPU it is a dry run: the same
+    steps at tiny sizes (one block, 32x32, a few hundred images, 2 gloo ranks), which CI runs so that none of it rots;
+    its times mean nothing."""
+    cuda = run.device.type == "cuda"
+    dry = not cuda
+    check_dir = os.path.join(run.out_dir, "gpu_check")  # the recipe runs' logs and checkpoints
+    tmp = tempfile.TemporaryDirectory()  # the data sets (~4 GB at CelebA's size) and the weights file
+    t_start, steps, results = time.time(), [], {}
+
+    def record(name, ok, seconds, numbers, command=""):
+        steps.append(dict(step=name, ok=ok, seconds=round(seconds, 1), numbers=numbers, command=command))
+        print(f"gpu-check: {name}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s) {numbers}", flush=True)
+
+    # 1. the tests that need a GPU (skipped in a dry run: it checks that they are collected)
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    print(proc.stdout[-3000:] if proc.returncode else "", end="")
+    record("CUDA tests", proc.returncode == 0, time.time() - t0, summary, shell(["python", *cmd[1:]]))
+
+    # 2. the benchmarks (this process)
+    t0 = time.time()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    depth, batches = (1, (2, 2)) if dry else (12, (run.model_batch_80, run.model_batch_224))
+    if dry:
+        run.pairs_augment = run.pairs_model = 1
+    x_u8 = data.load_split(make_synthetic(tmp.name, 300), "train")[0][:32 if dry else 256]
+    bench_augment(results, x_u8, run)
+    for size, batch in zip((80, 224), batches):
+        bench_model(results, size, batch, run, depth=depth)
+    memory = f"peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB" if cuda else ""
+    record("bench: augment, model at 80 and 224", True, time.time() - t0, memory or "see the table below",
+           "python bench.py --only=augment,model")
+
+    # 3. the data: CelebA's split sizes
+    sizes = (96, 32, 32) if dry else CELEBA_SPLITS
+    t0 = time.time()
+    data_dir = celeba_size_set(os.path.join(tmp.name, "celeba_size"), sizes)
+    record("data: synthetic faces at CelebA's split sizes", True, time.time() - t0,
+           " / ".join(f"{n:,}" for n in sizes) + " images (train / val / test), 80x80")
+
+    # 4. the recipe, one epoch on one device
+    weights = dino_layout_file(os.path.join(tmp.name, "dino_vits8.safetensors"), depth)
+    args = ["train_vit.py", "--config=recipe", f"--pretrained={weights}", f"--data={data_dir}", "--epochs=1",
+            "--force", f"--device={run.device}"]
+    if dry:
+        args += ["--img_size=32", "--eval_batch_size=32"]
+    out = os.path.join(check_dir, "recipe")
+    cmd = [*args, f"--batch_size={16 if dry else 64}", f"--out_dir={out}"]
+    ok, seconds, epoch = recipe_run([sys.executable, *cmd], out)
+    record("recipe: one epoch at " + ("32 (dry run)" if dry else "224") + ", bf16 + compile", ok, seconds,
+           recipe_numbers(epoch, seconds), shell(["python", *cmd]))
+
+    # 5. DDP over every GPU (NCCL); the dry run: 2 gloo ranks on the CPU
+    n = 2 if dry else torch.cuda.device_count()
+    if n > 1:
+        batch = 16 if dry else 64 - 64 % n  # the recipe's global batch, split evenly
+        out = os.path.join(check_dir, "recipe_ddp")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
+               f"--batch_size={batch}", f"--out_dir={out}"]
+        ok, seconds, epoch = recipe_run(cmd, out, env={"OMP_NUM_THREADS": "1"} if dry else None)
+        record(f"DDP: the same over {n} " + ("gloo ranks (dry run)" if dry else "GPUs (NCCL)"), ok, seconds,
+               recipe_numbers(epoch, seconds, n), shell(["torchrun", *cmd[3:]]))
+    else:
+        record("DDP", True, 0, "skipped: one GPU visible")
+    tmp.cleanup()
+    write_gpu_check(run, steps, results, time.time() - t_start, dry)
+    failed = [st["step"] for st in steps if not st["ok"]]
+    if failed:
+        sys.exit(f"error: gpu-check: {'; '.join(failed)} failed (see {os.path.join(run.out_dir, 'gpu_check.md')})")
+
+
+def write_gpu_check(run, steps, results, seconds, dry):
+    machine = f"{platform.machine()} CPU (dry run: tiny sizes, the times mean nothing)" if dry else \
+        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(run.device)}"
+    lines = [f"# gpu-check ({time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, `{run.command}`, "
+             f"{seconds / 60:.1f} min)", "", "| step | result | seconds | numbers | command |", "|---" * 5 + "|"]
+    lines += [f"| {st['step']} | {'ok' if st['ok'] else '**FAILED**'} | {st['seconds']:.0f} | {st['numbers']} | "
+              f"{'`' + st['command'] + '`' if st['command'] else ''} |" for st in steps]
+    lines += ["", "## bench (interleaved rounds, median ratio and spread)", "", *table(results)]
+    os.makedirs(run.out_dir, exist_ok=True)
+    report = json.dumps(dict(steps=steps, bench=results, minutes=seconds / 60, dry_run=dry), indent=1)
+    for name, text in (("gpu_check.json", report), ("gpu_check.md", "\n".join(lines) + "\n")):
+        model.write_atomic(os.path.join(run.out_dir, name), lambda tmp, text=text: Path(tmp).write_text(text))
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # report and command line
+
+def table(results):
+    """The rows of `results` as a markdown table, then their notes."""
+    lines = ["| benchmark | ours | baseline | unit | ratio | min-max | IQR | pairs |", "|---" * 8 + "|"]
+    notes = []
+    for name, r in results.items():
+        if r["ratio"] is None:
+            lines.append(f"| {name} | {r['ours']} | - | {r['unit']} | - | - | - | - |")
+        else:
+            lines.append(f"| {name} | {r['ours']} | {r['baseline']} | {r['unit']} | **{r['ratio']}x** | "
+                         f"{r['ratio_min']}-{r['ratio_max']} | {r['ratio_q1']}-{r['ratio_q3']} | {r['pairs']} |")
+        if r.get("note"):
+            notes.append(f"- {name}: {r['note']}")
+    return lines + (["", *notes] if notes else [])
+
 
 def write_report(results, run, seconds, load=None):
     """OUT_DIR/bench.json and a markdown table, OUT_DIR/bench.md, each written atomically. load: the 1-minute load
@@ -456,18 +622,7 @@ def write_report(results, run, seconds, load=None):
              "ours and baseline are the medians of each side." + busy +
              (" glibc's malloc kept freed memory for reuse (data.keep_freed_memory(), for every side alike)."
               if getattr(run, "malloc", False) else ""), "",
-             "| benchmark | ours | baseline | unit | ratio | min-max | IQR | pairs |", "|---" * 8 + "|"]
-    notes = []
-    for name, r in results.items():
-        if r["ratio"] is None:
-            lines.append(f"| {name} | {r['ours']} | - | {r['unit']} | - | - | - | - |")
-        else:
-            lines.append(f"| {name} | {r['ours']} | {r['baseline']} | {r['unit']} | **{r['ratio']}x** | "
-                         f"{r['ratio_min']}-{r['ratio_max']} | {r['ratio_q1']}-{r['ratio_q3']} | {r['pairs']} |")
-        if r.get("note"):
-            notes.append(f"- {name}: {r['note']}")
-    if notes:
-        lines += ["", *notes]
+             *table(results)]
     os.makedirs(run.out_dir, exist_ok=True)
     for name, text in (("bench.json", json.dumps(results, indent=1)), ("bench.md", "\n".join(lines) + "\n")):
         model.write_atomic(os.path.join(run.out_dir, name), lambda tmp, text=text: Path(tmp).write_text(text))
@@ -486,6 +641,7 @@ def settings(cfg, argv=()):
     pairs = lambda quick_n, full_n: cfg["pairs"] or (quick_n if quick else full_n)
     return types.SimpleNamespace(
         device=dev, quick=quick, only=only, out_dir=cfg["out_dir"], keep_freed_memory=cfg["keep_freed_memory"],
+        gpu_check=cfg["gpu_check"],
         command=" ".join(["python bench.py", *argv]),
         n=2048 if quick else (20000 if cpu else 100_000),  # synthetic images for the loader benchmarks
         batch=256, out_size=80 if cpu else 224,  # loader/augment: 80x80 out on the CPU; the GPU feeds the 224 model
@@ -509,6 +665,8 @@ def main(argv=None):
     run = settings(configurator.parse(argv, CONFIG, __file__), argv)
     torch.manual_seed(0)
     run.malloc = data.keep_freed_memory() if run.keep_freed_memory else False
+    if run.gpu_check:
+        return gpu_check(run)
     results, t0, load = {}, time.time(), os.getloadavg()[0]
     if load > len(os.sched_getaffinity(0)):
         print(f"note: load average {load:.1f} on {len(os.sched_getaffinity(0))} cores: other work shares them, the "

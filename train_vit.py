@@ -417,7 +417,10 @@ def train(cfg):
             metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
             record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
                       "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
-                      "img_per_s": totals[1].item() / train_time, "time_s": time.time() - t0, **metrics}
+                      "img_per_s": totals[1].item() / train_time, "train_s": train_time, "time_s": time.time() - t0,
+                      **metrics}
+            if cuda:  # the CUDA allocator's high-water mark of this process so far (no such counter on the CPU)
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if dro_q is not None:  # Group DRO's cell weights at the end of the epoch, named as evaluate's cells
                 record["dro_weights"] = {f"{k // 2} / {group_names[k % 2]}": float(v) for k, v in enumerate(dro_q)}
             history.append(record)

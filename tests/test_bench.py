@@ -130,3 +130,36 @@ def test_main_runs_only_what_it_is_asked(tmp_path, monkeypatch):
     quick = bench.settings(bench.CONFIG | {"quick": True, "device": "cpu"})
     assert seen == {"n": 300, "x": (256, 3, 8, 8), "pairs": quick.pairs_augment}
     assert json.loads((tmp_path / "bench.json").read_text())["augment: stub"]["ratio"] == 3.0
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """make gpu-check's CPU half, which keeps the GPU script from rotting: every step for real at tiny sizes (the
+    CUDA tests collected and skipped, augment and model benchmarks, a set with CelebA's split layout, one recipe
+    epoch compiled in bf16 from a DINO-layout file, the same on 2 gloo ranks) and its report."""
+    bench.main(["--gpu_check", f"--out_dir={tmp_path}", "--device=cpu"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and [st["ok"] for st in report["steps"]] == [True] * 5
+    assert "skipped" in report["steps"][0]["numbers"] and "passed" not in report["steps"][0]["numbers"]
+    assert {"model: train step ours vs timm @224 (batch 2, fp32 eager)",
+            "model: train step ours vs transformers @80 (batch 2, fp32 eager)"} <= report["bench"].keys()
+    for run, step in (("recipe", report["steps"][3]), ("recipe_ddp", report["steps"][4])):
+        log = [json.loads(line) for line in (tmp_path / "gpu_check" / run / "log.jsonl").read_text().splitlines()]
+        assert len(log) == 1 and log[0]["n"] == 32 and np.isfinite(log[0]["train_loss"])  # val: 32 images
+        _, meta, _ = bench.model.load_checkpoint(str(tmp_path / "gpu_check" / run / "last.safetensors"))
+        assert (meta["config"]["compile"], meta["config"]["amp"], meta["config"]["opt"]) == (True, "bf16", "sing")
+        assert meta["data"]["source"] == "synthetic" and f"on {1 if run == 'recipe' else 2};" in step["numbers"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "dry run" in md and "FAILED" not in md and "`torchrun --standalone --nproc_per_node=2 train_vit.py" in md
+
+
+def test_gpu_check_names_what_failed(tmp_path, monkeypatch):
+    """A failed step: every other step still runs, the report marks it, the exit is one line naming it."""
+    monkeypatch.setattr(bench, "recipe_run", lambda cmd, out_dir, env=None: (False, 1.0, {}))
+    for name in ("bench_augment", "bench_model"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: None)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu_check", f"--out_dir={tmp_path}", "--device=cpu"])
+    assert str(e.value.code) == ("error: gpu-check: recipe: one epoch at 32 (dry run), bf16 + compile; DDP: the same "
+                                 f"over 2 gloo ranks (dry run) failed (see {tmp_path / 'gpu_check.md'})")
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.count("**FAILED**") == 2 and "| CUDA tests | ok |" in md

@@ -263,15 +263,6 @@ def test_crop_is_a_resampled_sub_box_within_scale_and_ratio():
     assert area.min() < 0.6 and area.max() > 0.9 and np.std(aspect) > 0.05  # the draws span the ranges
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-def test_augment_on_cuda(batch):
-    x = batch.cuda()
-    a = data.augment(x, 224, torch.Generator("cuda").manual_seed(0))
-    assert a.is_cuda and a.shape == (32, 3, 224, 224)
-    assert torch.equal(data.augment(x, 224, **OFF), data.prepare(x, 224))
-    assert torch.allclose(data.prepare(x, 224).cpu(), data.prepare(batch, 224), atol=1e-4)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # data.py show
 
