@@ -5,6 +5,7 @@ beside the median throughput of each side. A shared machine's load drifts; it hi
     python bench.py                   # full run (GPU when there is one; CPU otherwise)
     python bench.py --quick           # a few minutes on a 2-core CPU
     python bench.py --only=augment    # a subset: loader, augment, model, e2e
+    python bench.py --gpu_check       # make gpu-check: the GPU acceptance (a dry run at tiny sizes on a CPU)
 
 1. augment: data.augment on a 256x3x80x80 uint8 batch vs the same list with torchvision, per sample on PIL images:
    img/s, with the process's threads and (CPU) with one thread each
@@ -20,6 +21,10 @@ On CUDA also ours in bf16 + compile vs fp32 eager, and the estimated time of one
 (train_vit.py --config=recipe: CelebA train, 162,770 images) at 224 and 80. The process first calls
 data.keep_freed_memory() (glibc reuses freed memory instead of page-faulting batch-sized tensors in anew; it applies to
 every side alike; --keep_freed_memory=false measures the allocator's defaults).
+5. gpu_check (make gpu-check on a CUDA machine; its budget: 8 minutes on one H100/H200): the CUDA tests, the augment and
+   model benchmarks at 80 and 224, one epoch of the recipe at 224 (bf16 + compile) on a synthetic set of CelebA's
+   split sizes, the same over every GPU with torchrun when there are several, the peak memory -> OUT_DIR/gpu_check.md
+   and gpu_check.json. On a CPU the same steps run at tiny sizes (CI runs this dry run).
 Writes OUT_DIR/bench.json ({name: {ours, baseline, unit, ratio, ratio_min, ratio_max, ratio_q1, ratio_q3, pairs,
 note}}) and OUT_DIR/bench.md.
 """
