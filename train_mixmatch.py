@@ -9,7 +9,7 @@ in one file, nanoGPT style: the config block below holds the defaults, --key=val
     python train_mixmatch.py ... --out_dir=runs/x --resume                         # continue a killed run exactly
     torchrun --standalone --nproc_per_node=2 train_mixmatch.py ...                 # DDP: NCCL on GPU, gloo on CPU
 
-(data/ssl: `python data.py synthetic --n 12000 --target Male --group none --out data/ssl`, gender of drawn faces;
+(data/ssl: `python data.py synthetic --n 12000 --size 40 --target Male --group none --out data/ssl`, gender of faces;
 `make ssl-table` builds it and runs the table.)
 
 `n_labeled` train images (balanced per class, chosen by `seed`) keep their labels, the rest of the train split is

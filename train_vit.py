@@ -103,10 +103,12 @@ CHOICES = {"init": ("dino", "scratch"), "sampler": ("random", "balanced", "subsa
            "table": ("", "robust")}
 PRESETS = {
     "recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
-    # make demo: a 0.83M-parameter ViT (4 blocks, width 128, 8x8 patches) from scratch at native 80x80 on data/demo.
-    # From scratch and this short, it learns with crop + flip only (the full list keeps it at the trivial
-    # classifier for several epochs) and at a DeiT-like lr (2e-3 was unstable past 8 epochs).
-    "demo": dict(init="scratch", arch="vit_tiny", dim=128, heads=4, img_size=80, opt="adamw", lr=5e-4,
+    # make demo: a 0.48M-parameter ViT (4 blocks, width 96, 10x10 patches: 64 tokens) from scratch at native 80x80 on
+    # data/demo. On 2 CPU cores it trains ~2.3x faster per image than width 128 with 8x8 patches, for the same test
+    # score (fair 0.848 vs 0.845, seed 0); 16x16 patches lose it (0.821). From scratch and this short, it learns
+    # with crop + flip only (the full list keeps it at the trivial classifier for several epochs) and at a DeiT-like
+    # lr (1e-3 for 5 epochs: 0.833; 2e-3 was unstable past 8 epochs).
+    "demo": dict(init="scratch", arch="vit_tiny", dim=96, heads=4, patch_size=10, img_size=80, opt="adamw", lr=5e-4,
                  weight_decay=0.05, epochs=7, batch_size=128, warmup=0.1, loss="ce", augment="weak", compile=False,
                  amp="none"),
 }

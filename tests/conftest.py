@@ -1,8 +1,43 @@
-"""Fixtures shared by the test files: one tiny synthetic data set, built once per test session."""
+"""What the test files share: one tiny synthetic data set (built once per test session), a tiny train_vit.py run
+and its log, and the data CLI's one-line errors. Test files import the helpers: `from conftest import read_log`."""
+
+import json
+import os
 
 import pytest
 
 import data
+import model
+import train_vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a one-block ViT at 32x32 from scratch, 2 epochs, eager fp32 on the CPU: seconds per run
+VIT_TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
+            "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
+VOLATILE = {"time_s", "train_s", "img_per_s"}  # wall-clock numbers in log.jsonl; the rest must reproduce exactly
+
+
+def run_vit(tiny_data, out_dir, *args):
+    train_vit.main([*VIT_TINY, f"--data={tiny_data}", f"--out_dir={out_dir}", *args])
+
+
+def read_log(out_dir):
+    """A run's log.jsonl without its wall-clock numbers."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in f]
+
+
+def weights(path):
+    return model.load_checkpoint(str(path))[0].state_dict()
+
+
+def data_fails(argv):
+    """Run data.py's CLI expecting a one-line error; return the line."""
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
 
 
 @pytest.fixture(scope="session")

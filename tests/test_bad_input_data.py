@@ -19,8 +19,9 @@ from PIL import Image
 
 import data
 import sources
+from conftest import ROOT
+from conftest import data_fails as fails
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["synthetic", "--n=30", "--size=16"]  # 24 / 3 / 3 images: a build in about a second
 CELEBA_40 = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
              "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
@@ -42,18 +43,9 @@ def deadline():
     signal.signal(signal.SIGALRM, previous)
 
 
-def fails(argv):
-    """Run the CLI expecting a one-line error; return the line."""
-    with pytest.raises(SystemExit) as e:
-        data.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
-
-
 def cli(*args):
     """data.py as a real process -> (return code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     return r.returncode, r.stdout, r.stderr
 
@@ -157,7 +149,7 @@ data.main(["synthetic", "--n=30", "--size=16", "--seed=1", "--force", f"--out_di
 
 def killed_build(out, at, template):
     """Run a --force build of out (seed 1) in a process that SIGKILLs itself at step `at`."""
-    r = subprocess.run([sys.executable, "-c", KILL, out, at, template], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", KILL, out, at, template], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
 

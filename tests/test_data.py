@@ -15,17 +15,8 @@ from PIL import Image
 
 import data
 import sources
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fails(argv):
-    """Run the CLI expecting a one-line error; return the line."""
-    with pytest.raises(SystemExit) as e:
-        data.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
+from conftest import ROOT
+from conftest import data_fails as fails
 
 
 def rand_image(rng, h=80, w=80):
@@ -44,7 +35,7 @@ def build_config(meta):
 def test_import_data_loads_no_builder():
     heavy = ("sources", "cv2", "PIL", "pyarrow", "huggingface_hub", "matplotlib", "ffcv")
     code = f"import sys, data; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
 
 
@@ -554,7 +545,7 @@ def test_cli_help_lists_sources_and_keys(tmp_path, capsys):
     assert "unknown source 'bogus'" in fails(["bogus", f"--out_dir={tmp_path}"])
     assert "name a source" in fails([])
     r = subprocess.run([sys.executable, "data.py", "aaf", f"--root={tmp_path / 'nope'}", "--out",
-                        str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
     with pytest.raises(FileNotFoundError, match="meta.json"):
         data.read_meta(str(tmp_path))
@@ -649,6 +640,6 @@ def test_colour_jitter_of_the_drawn_samples_equals_the_formula(batch):
 def test_keep_freed_memory_sets_glibc_malloc_or_does_nothing():
     import platform
     code = "import data; print(data.keep_freed_memory(), data.keep_freed_memory())"  # own process: it is process-wide
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert r.stdout.split() == [str(glibc)] * 2

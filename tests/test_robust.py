@@ -13,23 +13,13 @@ import data
 import evaluate
 import model
 import train_vit
+from conftest import VIT_TINY, read_log, run_vit, weights
 
-TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
-        "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none", "--loss=ce"]
-VOLATILE = {"time_s", "train_s", "img_per_s"}
+TINY = [*VIT_TINY, "--loss=ce"]
 
 
 def run(tiny_data, out_dir, *args):
-    train_vit.main([*TINY, f"--data={tiny_data}", f"--out_dir={out_dir}", *args])
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in f]
-
-
-def weights(path):
-    return model.load_checkpoint(str(path))[0].state_dict()
+    run_vit(tiny_data, out_dir, "--loss=ce", *args)
 
 
 def config(**kw):

@@ -1,6 +1,5 @@
 """train_vit.py: config parsing, the recipe's pieces, and tiny CPU runs (checkpoints, determinism, resume, DDP)."""
 
-import json
 import math
 import os
 import subprocess
@@ -11,24 +10,9 @@ import torch
 
 import model
 import train_vit
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
-        "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
-VOLATILE = {"time_s", "train_s", "img_per_s"}  # wall-clock numbers in log.jsonl; the rest must reproduce exactly
-
-
-def run(tiny_data, out_dir, *args):
-    train_vit.main([*TINY, f"--data={tiny_data}", f"--out_dir={out_dir}", *args])
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in f]
-
-
-def weights(path):
-    return model.load_checkpoint(str(path))[0].state_dict()
+from conftest import ROOT, read_log, weights
+from conftest import VIT_TINY as TINY
+from conftest import run_vit as run
 
 
 @pytest.fixture(scope="module")
