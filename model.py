@@ -595,8 +595,8 @@ def load_checkpoint(path, device="cpu"):
 
 class SmallCNN(nn.Module):
     """4 stages of conv3x3-BN-ReLU (+2x2 max-pool between stages), global average pooling, linear head.
-    Width doubles per stage; at width 16 about 25M MACs per 80x80 image: it trains at ~300 img/s on 2 CPU cores
-    (~2000 img/s at 40x40). Global pooling makes it work at any input size; img_size tells callers what to feed."""
+    Width doubles per stage; at width 16 about 25M MACs per 80x80 image (a quarter of that at 40x40). Global pooling
+    makes it work at any input size; img_size tells callers what to feed."""
 
     arch = "small"
 
@@ -611,9 +611,12 @@ class SmallCNN(nn.Module):
             c_in = c
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
+        # channels-last (NHWC): oneDNN's CPU conv and max-pool kernels run a training step ~1.4x faster in it
+        # (fwd + bwd, 192 images at 40x40, 2 cores), and cuDNN prefers it under autocast
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
 
     def config_dict(self):
         return {"img_size": self.img_size, "num_classes": self.num_classes, "width": self.width}
