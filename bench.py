@@ -620,7 +620,8 @@ def write_report(results, run, seconds, load=None):
         f"{platform.processor() or platform.machine()} CPU, {cores} cores"
     busy = "" if load is None else (f" The machine's 1-minute load average was {load[0]:.1f} at the start and "
                                     f"{load[1]:.1f} at the end, on {cores} cores" +
-                                    (": other work shared the cores, so expect a wide spread." if max(load) > cores
+                                    # the end's figure includes this run's own threads: the start tells of others
+                                    (": other work shared the cores, so expect a wide spread." if load[0] > cores / 2
                                      else "."))
     lines = [f"# bench ({when}, {machine}, torch {torch.__version__}, `{run.command}`, {seconds / 60:.1f} min)", "",
              "Each ratio is the median over interleaved rounds (A B A B ...) of ours / baseline, with its spread; "
