@@ -491,12 +491,14 @@ def recipe_run(cmd, out_dir, env=None):
     return proc.returncode == 0 and bool(record), seconds, record
 
 
-def recipe_numbers(record, seconds, n_gpus=1):
+def recipe_numbers(record, seconds, n_devices=1):
+    """One recipe epoch's log record -> the line gpu_check.md shows."""
     if not record:
         return "-"
     train_s = record["train_s"]
     memory = f", peak {record['peak_mem_gib']:.1f} GiB a GPU" if "peak_mem_gib" in record else ""
-    return (f"{record['img_per_s']:,.0f} img/s on {n_gpus}; epoch {train_s:.0f} s train + "
+    devices = f"{n_devices} device{'s' if n_devices > 1 else ''}"
+    return (f"{record['img_per_s']:,.0f} img/s on {devices}; epoch {train_s:.0f} s train + "
             f"{record['time_s'] - train_s:.0f} s validation ({seconds:.0f} s with start-up and compile){memory}")
 
 
