@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -367,9 +368,9 @@ def bench_loaders(results, data_dir, run):
 # ---------------------------------------------------------------------------------------------------------------
 # 3. model
 
-def bench_model(results, img_size, batch, run, depth=12):
+def bench_model(results, img_size, batch, run):
     dev, cuda = run.device, run.device.type == "cuda"
-    nets = {name: net.to(dev).train() for name, net in vit_trio(img_size, depth).items()}
+    nets = {name: net.to(dev).train() for name, net in vit_trio(img_size, run.model_depth).items()}
     steps = {name: train_step_fn(net, batch, img_size, dev, amp=cuda, compile=cuda) for name, net in nets.items()}
     how = "bf16 + compile" if cuda else "fp32 eager"
     mm = dict(dtype=torch.bfloat16, n=8192, repeats=20) if cuda else dict(dtype=torch.float32, n=2048, repeats=3)
@@ -475,10 +476,6 @@ def dino_layout_file(path, depth):
     return path
 
 
-def shell(cmd):
-    return " ".join(a if a and " " not in a else repr(a) for a in cmd)
-
-
 def recipe_run(cmd, out_dir, env=None):
     """Run one recipe epoch (train_vit.py in a subprocess, its output on this terminal) -> (ok, seconds, the epoch's
     log.jsonl record or {})."""
@@ -512,7 +509,6 @@ def gpu_check(run):
     cuda = run.device.type == "cuda"
     dry = not cuda
     check_dir = os.path.join(run.out_dir, "gpu_check")  # the recipe runs' logs and checkpoints
-    tmp = tempfile.TemporaryDirectory()  # the data sets (~4 GB at CelebA's size) and the weights file
     t_start, steps, results = time.time(), [], {}
 
     def record(name, ok, seconds, numbers, command=""):
@@ -525,55 +521,51 @@ def gpu_check(run):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
     print(proc.stdout[-3000:] if proc.returncode else "", end="")
-    record("CUDA tests", proc.returncode == 0, time.time() - t0, summary, shell(["python", *cmd[1:]]))
+    record("CUDA tests", proc.returncode == 0, time.time() - t0, summary, shlex.join(["python", *cmd[1:]]))
 
-    # 2. the benchmarks (this process)
-    t0 = time.time()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
-    depth, batches = (1, (2, 2)) if dry else (12, (run.model_batch_80, run.model_batch_224))
-    if dry:
-        run.pairs_augment = run.pairs_model = 1
-    x_u8 = data.load_split(make_synthetic(tmp.name, 300), "train")[0][:32 if dry else 256]
-    bench_augment(results, x_u8, run)
-    for size, batch in zip((80, 224), batches):
-        bench_model(results, size, batch, run, depth=depth)
-    memory = f"peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB" if cuda else ""
-    record("bench: augment, model at 80 and 224", True, time.time() - t0, memory or "see the table below",
-           "python bench.py --only=augment,model")
+    with tempfile.TemporaryDirectory() as tmp:  # the data sets (~4 GB at CelebA's size) and the weights file
+        # 2. the benchmarks (this process; settings() sized them for a dry run)
+        t0 = time.time()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(run.device)
+        bench_augment(results, data.load_split(make_synthetic(tmp, 300), "train")[0][:run.augment_n], run)
+        bench_model(results, 80, run.model_batch_80, run)
+        bench_model(results, 224, run.model_batch_224, run)
+        memory = f"peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB" if cuda else ""
+        record("bench: augment, model at 80 and 224", True, time.time() - t0, memory or "see the table below",
+               "python bench.py --only=augment,model")
 
-    # 3. the data: CelebA's split sizes
-    sizes = (96, 32, 32) if dry else CELEBA_SPLITS
-    t0 = time.time()
-    data_dir = celeba_size_set(os.path.join(tmp.name, "celeba_size"), sizes)
-    record("data: synthetic faces at CelebA's split sizes", True, time.time() - t0,
-           " / ".join(f"{n:,}" for n in sizes) + " images (train / val / test), 80x80")
+        # 3. the data: CelebA's split sizes
+        sizes = (96, 32, 32) if dry else CELEBA_SPLITS
+        t0 = time.time()
+        data_dir = celeba_size_set(os.path.join(tmp, "celeba_size"), sizes)
+        record("data: synthetic faces at CelebA's split sizes", True, time.time() - t0,
+               " / ".join(f"{n:,}" for n in sizes) + " images (train / val / test), 80x80")
 
-    # 4. the recipe, one epoch on one device
-    weights = dino_layout_file(os.path.join(tmp.name, "dino_vits8.safetensors"), depth)
-    args = ["train_vit.py", "--config=recipe", f"--pretrained={weights}", f"--data={data_dir}", "--epochs=1",
-            "--force", f"--device={run.device}"]
-    if dry:
-        args += ["--img_size=32", "--eval_batch_size=32"]
-    out = os.path.join(check_dir, "recipe")
-    cmd = [*args, f"--batch_size={16 if dry else 64}", f"--out_dir={out}"]
-    ok, seconds, epoch = recipe_run([sys.executable, *cmd], out)
-    record("recipe: one epoch at " + ("32 (dry run)" if dry else "224") + ", bf16 + compile", ok, seconds,
-           recipe_numbers(epoch, seconds), shell(["python", *cmd]))
+        # 4. the recipe, one epoch on one device
+        weights = dino_layout_file(os.path.join(tmp, "dino_vits8.safetensors"), run.model_depth)
+        args = ["train_vit.py", "--config=recipe", f"--pretrained={weights}", f"--data={data_dir}", "--epochs=1",
+                "--force", f"--device={run.device}"]
+        if dry:
+            args += ["--img_size=32", "--eval_batch_size=32"]
+        out = os.path.join(check_dir, "recipe")
+        cmd = [*args, f"--batch_size={16 if dry else 64}", f"--out_dir={out}"]
+        ok, seconds, epoch = recipe_run([sys.executable, *cmd], out)
+        record("recipe: one epoch at " + ("32 (dry run)" if dry else "224") + ", bf16 + compile", ok, seconds,
+               recipe_numbers(epoch, seconds), shlex.join(["python", *cmd]))
 
-    # 5. DDP over every GPU (NCCL); the dry run: 2 gloo ranks on the CPU
-    n = 2 if dry else torch.cuda.device_count()
-    if n > 1:
-        batch = 16 if dry else 64 - 64 % n  # the recipe's global batch, split evenly
-        out = os.path.join(check_dir, "recipe_ddp")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
-               f"--batch_size={batch}", f"--out_dir={out}"]
-        ok, seconds, epoch = recipe_run(cmd, out, env={"OMP_NUM_THREADS": "1"} if dry else None)
-        record(f"DDP: the same over {n} " + ("gloo ranks (dry run)" if dry else "GPUs (NCCL)"), ok, seconds,
-               recipe_numbers(epoch, seconds, n), shell(["torchrun", *cmd[3:]]))
-    else:
-        record("DDP", True, 0, "skipped: one GPU visible")
-    tmp.cleanup()
+        # 5. DDP over every GPU (NCCL); the dry run: 2 gloo ranks on the CPU
+        n = 2 if dry else torch.cuda.device_count()
+        if n > 1:
+            batch = 16 if dry else 64 - 64 % n  # the recipe's global batch, split evenly
+            out = os.path.join(check_dir, "recipe_ddp")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
+                   f"--batch_size={batch}", f"--out_dir={out}"]
+            ok, seconds, epoch = recipe_run(cmd, out, env={"OMP_NUM_THREADS": "1"} if dry else None)
+            record(f"DDP: the same over {n} " + ("gloo ranks (dry run)" if dry else "GPUs (NCCL)"), ok, seconds,
+                   recipe_numbers(epoch, seconds, n), shlex.join(["torchrun", *cmd[3:]]))
+        else:
+            record("DDP", True, 0, "skipped: one GPU visible")
     write_gpu_check(run, steps, results, time.time() - t_start, dry)
     failed = [st["step"] for st in steps if not st["ok"]]
     if failed:
@@ -646,7 +638,8 @@ def settings(cfg, argv=()):
         sys.exit(f"error: --only={cfg['only']} wants a comma-separated subset of {','.join(BENCHMARKS)}")
     if cfg["pairs"] < 0:
         sys.exit(f"error: --pairs={cfg['pairs']} must be >= 0 (0: the defaults)")
-    pairs = lambda quick_n, full_n: cfg["pairs"] or (quick_n if quick else full_n)
+    dry = cfg["gpu_check"] and cpu  # gpu_check's dry run: every step once, at the smallest sizes
+    pairs = lambda quick_n, full_n: cfg["pairs"] or (1 if dry else quick_n if quick else full_n)
     return types.SimpleNamespace(
         device=dev, quick=quick, only=only, out_dir=cfg["out_dir"], keep_freed_memory=cfg["keep_freed_memory"],
         gpu_check=cfg["gpu_check"],
@@ -654,7 +647,10 @@ def settings(cfg, argv=()):
         n=2048 if quick else (20000 if cpu else 100_000),  # synthetic images for the loader benchmarks
         batch=256, out_size=80 if cpu else 224,  # loader/augment: 80x80 out on the CPU; the GPU feeds the 224 model
         pairs_augment=pairs(7, 15), pairs_loader=pairs(3, 3), pairs_model=pairs(3, 5), pairs_e2e=pairs(5, 5),
-        model_batch_80=8 if quick else (32 if cpu else 256), model_batch_224=2 if quick else (4 if cpu else 64),
+        model_batch_80=2 if dry else 8 if quick else (32 if cpu else 256),
+        model_batch_224=2 if dry else 2 if quick else (4 if cpu else 64),
+        model_depth=1 if dry else 12,  # ViT-S/8 blocks in the model benchmark
+        augment_n=32 if dry else 256,  # images in the augmentation benchmark
         e2e_size=80 if cpu else 224, e2e_batch=(16 if quick else 32) if cpu else 64,
         e2e_steps=2 if quick else (3 if cpu else 50),
         e2e_backend="resident",
@@ -683,7 +679,7 @@ def main(argv=None):
         # the augmentation alone needs 256 images, not the loader benchmarks' set
         data_dir = make_synthetic(tmp, run.n if {"loader", "e2e"} & set(run.only) else 300)
         if "augment" in run.only:
-            bench_augment(results, data.load_split(data_dir, "train")[0][:256], run)
+            bench_augment(results, data.load_split(data_dir, "train")[0][:run.augment_n], run)
         if "loader" in run.only:
             bench_loaders(results, data_dir, run)
         if "model" in run.only:
