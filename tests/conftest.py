@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a one-block ViT at 32x32 from scratch, 2 epochs, eager fp32 on the CPU: seconds per run
 VIT_TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=2",
             "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
+AUGMENT_OFF = dict(crop_p=0, flip_p=0, rotate_p=0, erase_p=0, color_p=0, blur_p=0)  # data.augment = resize + normalise
 VOLATILE = {"time_s", "train_s", "img_per_s"}  # wall-clock numbers in log.jsonl; the rest must reproduce exactly
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import bench
 import data
+from conftest import read_log
 
 
 def test_torchvision_baseline_is_normalised_like_ours(tiny_data):
@@ -143,7 +144,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     assert {"model: train step ours vs timm @224 (batch 2, fp32 eager)",
             "model: train step ours vs transformers @80 (batch 2, fp32 eager)"} <= report["bench"].keys()
     for run, step in (("recipe", report["steps"][3]), ("recipe_ddp", report["steps"][4])):
-        log = [json.loads(line) for line in (tmp_path / "gpu_check" / run / "log.jsonl").read_text().splitlines()]
+        log = read_log(tmp_path / "gpu_check" / run)
         assert len(log) == 1 and log[0]["n"] == 32 and np.isfinite(log[0]["train_loss"])  # val: 32 images
         _, meta, _ = bench.model.load_checkpoint(str(tmp_path / "gpu_check" / run / "last.safetensors"))
         assert (meta["config"]["compile"], meta["config"]["amp"], meta["config"]["opt"]) == (True, "bf16", "sing")

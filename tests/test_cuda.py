@@ -2,9 +2,6 @@
 augmentation's generator on the device, FFCV's ToDevice, bf16 autocast with torch.compile and fused AdamW in a real
 run, predict in bf16 against fp32, the ViT and SING on the GPU against the CPU."""
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -13,12 +10,12 @@ import evaluate
 import model
 import train_mixmatch
 import train_vit
+from conftest import AUGMENT_OFF, read_log
 from sing import SING
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 TINY = ["--init=scratch", "--arch=vit_tiny", "--dim=64", "--depth=2", "--heads=2", "--img_size=32", "--epochs=2",
         "--batch_size=32", "--eval_batch_size=64", "--device=cuda"]
-OFF = dict(crop_p=0, flip_p=0, rotate_p=0, erase_p=0, color_p=0, blur_p=0)  # every transform off
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +27,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_augment_on_cuda(tiny_data):
     batch = data.load_split(tiny_data, "val")[0][:32]
     x = batch.cuda()
@@ -42,7 +34,7 @@ def test_augment_on_cuda(tiny_data):
     assert a.is_cuda and a.shape == (32, 3, 224, 224) and torch.isfinite(a).all()
     again = data.augment(x, 224, torch.Generator("cuda").manual_seed(0))
     assert torch.equal(a, again)  # the device generator makes the draws reproducible
-    assert torch.equal(data.augment(x, 224, **OFF), data.prepare(x, 224))
+    assert torch.equal(data.augment(x, 224, **AUGMENT_OFF), data.prepare(x, 224))
     assert torch.allclose(data.prepare(x, 224).cpu(), data.prepare(batch, 224), atol=1e-4)
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import data
 import sources
+from conftest import AUGMENT_OFF as OFF
 from conftest import ROOT
 from conftest import data_fails as fails
 
@@ -161,8 +162,6 @@ def test_resident_order_subsets_and_ranks(tiny_data):
 
 # ---------------------------------------------------------------------------------------------------------------
 # augmentation
-
-OFF = dict(crop_p=0, flip_p=0, rotate_p=0, erase_p=0, color_p=0, blur_p=0)
 
 
 @pytest.fixture(scope="module")
