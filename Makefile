@@ -78,13 +78,13 @@ ROBUST_OUT  := $(if $(filter command line,$(origin DATA)),runs/robust_$(DATA),ru
 ROBUST_ARGS ?= --config=robust
 
 robust-table: setup data/$(ROBUST_DATA)/meta.json  ## debiasing methods x 3 seeds -> runs/robust/robust_table.md (ARGS=--quick: 2 min)
-	$(PY) train_vit.py --table=robust $(ROBUST_ARGS) --data=data/$(ROBUST_DATA) --out_dir=$(ROBUST_OUT) $(ARGS)
+	$(PY) robust.py --table=robust $(ROBUST_ARGS) --data=data/$(ROBUST_DATA) --out_dir=$(ROBUST_OUT) $(ARGS)
 
 bench: setup  ## speed benchmarks -> runs/bench.md, runs/bench.json (ARGS=--quick for a short CPU run)
 	$(PY) bench.py $(ARGS)
 
 gpu-check: setup  ## the GPU acceptance: CUDA tests, bench at 80/224, a recipe epoch at CelebA size, DDP -> runs/gpu_check.md
-	$(PY) bench.py --gpu_check $(ARGS)
+	$(PY) gpu_check.py $(ARGS)
 
 # the offline synthetic sets, built on first use (the .venv/.done prerequisite is order-only: no rebuild on setup)
 data/demo/meta.json: | .venv/.done

@@ -31,12 +31,11 @@ maps.safetensors with the raw maps before upsampling for analysis:
 maps [N, heads, h, w], masks [N, heads, h, w] (bool), mean_masks [N, h, w], cls_self [N, heads],
 indices [N] (index in the split, or in --images), labels / groups / preds [N] (-1 when unknown),
 confidence [N] (nan when unknown); the metadata holds the run settings, class and group names and file names.
-Each file is written atomically (model.write_atomic); grids left by an earlier run in --out are removed first.
+Each file is written atomically (run.write_atomic); grids left by an earlier run in --out are removed first.
 """
 
 import json
 import math
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,8 +50,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import configurator
+import run
+from configurator import UserError
 from data import IMAGENET_MEAN, IMAGENET_STD, load_split, mismatch, prepare, read_images, read_meta
-from model import checkpoint_path, load_checkpoint, load_pretrained, write_atomic
+from model import checkpoint_path, load_checkpoint, load_pretrained
 
 # -----------------------------------------------------------------------------
 # pure functions: maps, masks, upsampling
@@ -165,7 +166,7 @@ def plot_grid(path, images, maps, mean, masks, mean_masks, titles, wrong):
         ax.imshow(img * 0.6, interpolation="nearest")  # dimmed so the contours stand out
         for j in range(heads):
             contour(ax, masks[r, j], colors[j])
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     plt.close(fig)
 
 
@@ -174,17 +175,14 @@ def plot_grid(path, images, maps, mean, masks, mean_masks, titles, wrong):
 
 
 def load_model(src, device):
-    """Our checkpoint (with its meta) or pretrained weights (Hub id / local file, meta = {}); exits unless a ViT."""
-    try:
-        path = checkpoint_path(src)  # a pushed Hub repo of ours comes down as one checkpoint file
-        if is_our_checkpoint(path):
-            model, meta, _ = load_checkpoint(path, device=device)
-        else:
-            model, meta = load_pretrained(src), {}
-    except (OSError, ValueError, SafetensorError) as e:  # missing file, offline Hub, foreign keys, unknown arch
-        sys.exit(f"error: cannot load --ckpt {src}: {e}")
+    """Our checkpoint (with its meta) or pretrained weights (Hub id / local file, meta = {}); a ViT only."""
+    path = checkpoint_path(src)  # a pushed Hub repo of ours comes down as one checkpoint file
+    if is_our_checkpoint(path):
+        model, meta, _ = load_checkpoint(path, device=device)
+    else:
+        model, meta = load_pretrained(src), {}
     if model.arch != "vit":
-        sys.exit(f"error: --ckpt {src} holds a {model.arch!r} model, not a ViT: attention maps need a ViT checkpoint")
+        raise UserError(f"--ckpt {src} holds a {model.arch!r} model, not a ViT: attention maps need a ViT checkpoint")
     return model.to(device).eval(), meta
 
 
@@ -208,7 +206,7 @@ def select(model, images, labels, groups, args, device):
     if args.show == "random":
         return idx[: args.n].sort().values
     if model.cfg.num_classes == 0:
-        sys.exit(f"error: --show={args.show} needs predictions, but --ckpt {args.ckpt} has no classifier head")
+        raise UserError(f"--show={args.show} needs predictions, but --ckpt {args.ckpt} has no classifier head")
     keep = [idx[:0]]
     for chunk in idx.split(args.batch_size):  # scan until n are found, not the whole split
         pred, _ = predict(model, prepare(images[chunk].to(device), model.cfg.img_size))
@@ -258,17 +256,17 @@ def parse_args(argv):
     cfg = configurator.parse(argv, CLI, __file__, choices=CHOICES, required=("ckpt",),
                              aliases={"data": "data_dir", "out": "out_dir", "select": "show"})
     if bool(cfg["data_dir"]) == bool(cfg["images"]):
-        sys.exit("error: give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
-    if not 0 < cfg["threshold"] <= 1:
-        sys.exit(f"error: --threshold={cfg['threshold']} must be in (0, 1]")
-    if cfg["n"] < 1 or cfg["batch_size"] < 1:
-        sys.exit("error: --n and --batch_size must be >= 1")
+        raise UserError("give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
+    configurator.require(cfg, "threshold", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    for key in ("n", "batch_size"):
+        configurator.require(cfg, key, lambda v: v >= 1, "must be >= 1")
     if cfg["cell"]:
         cfg["cell"] = configurator.cast("cell", cfg["cell"], (0, 0))
-    cfg["device"] = configurator.pick_device(cfg["device"])
+    cfg["device"] = run.pick_device(cfg["device"])
     return SimpleNamespace(**cfg)
 
 
+@configurator.cli
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
@@ -281,31 +279,28 @@ def main(argv=None):
         for path, why in skipped:
             print(f"skipped {path}: {why}")
         if not len(images):
-            sys.exit(f"error: cannot read any image of --images={args.images}")
+            raise UserError(f"cannot read any image of --images={args.images}")
         inputs = list(images)
         print(f"{len(inputs)} images: centre square crop, {stored}x{stored} as the training data, then {S}x{S} "
               "(the model's img_size), bicubic as in evaluation")
         indices = torch.arange(len(inputs))
         labels, groups = torch.full((len(inputs),), -1), torch.full((len(inputs),), -1)
     else:
-        try:
-            data_meta = read_meta(args.data_dir)
-            images, labels, groups = load_split(args.data_dir, args.split)
-        except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"error: cannot read split {args.split!r} of {args.data_dir}: {e}")
+        data_meta = read_meta(args.data_dir, splits=(args.split,))
         if differ := mismatch(ckpt_meta.get("data") or {}, data_meta):
-            sys.exit(f"error: {args.ckpt} was trained for another task or data than {args.data_dir} (trained vs "
-                     f"here: {differ})")
+            raise UserError(f"{args.ckpt} was trained for another task or data than {args.data_dir} (trained vs "
+                            f"here: {differ})")
+        images, labels, groups = load_split(args.data_dir, args.split)
         indices = select(model, images, labels, groups, args, args.device)
         if len(indices) == 0:
             cell = f" in cell label={args.cell[0]}, group={args.cell[1]}" if args.cell else ""
-            sys.exit(f"error: empty selection: no {args.show} images in {args.data_dir} {args.split}{cell}")
+            raise UserError(f"empty selection: no {args.show} images in {args.data_dir} {args.split}{cell}")
         inputs, labels, groups = list(images[indices]), labels[indices], groups[indices]
         names = [f"{args.split}[{i}]" for i in indices.tolist()]
     classes, group_names = data_meta.get("classes") or [], data_meta.get("groups") or []
     if model.cfg.num_classes and classes and model.cfg.num_classes != len(classes):
-        sys.exit(f"error: {args.ckpt} predicts {model.cfg.num_classes} classes but the data has {len(classes)} "
-                 f"({', '.join(classes)})")
+        raise UserError(f"{args.ckpt} predicts {model.cfg.num_classes} classes but the data has {len(classes)} "
+                        f"({', '.join(classes)})")
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,9 +330,10 @@ def main(argv=None):
                 show=args.show, cell=args.cell, seed=args.seed, threshold=args.threshold,
                 upsample=args.upsample, img_size=S, patch_size=model.cfg.patch_size, names=names,
                 classes=classes, groups=group_names)
-    write_atomic(out / "maps.safetensors",
+    run.write_atomic(out / "maps.safetensors",
                  lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()}))
     print(f"wrote {len(starts)} grid PNG(s) and maps.safetensors ({len(inputs)} images) to {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -6,94 +6,123 @@ a script keeps its configuration as plain default values, and the command line o
     --flag                          a bool key alone means true; --flag=false turns it off
     --config=NAME                   start from one of the script's named presets; explicit keys still win
 
-Keys are written with underscores. An unknown key, a value of the wrong type or outside a key's choices ends the
-program with one `error:` line that names the key, the value and what is allowed. `--help` prints the script's
-docstring and every key with its default and the comment written beside it in the source.
+Keys are written with underscores. An unknown key, a value of the wrong type or outside a key's choices raises
+UserError with a message that names the key, the value and what is allowed; a script's main(), decorated with
+@cli, prints it as one `error:` line. `--help` prints the script's docstring and every key with its default and the
+comment written beside it in the source.
+
+It also holds the repo's one error path: library code raises UserError (or a subclass) with the message the user
+will read, and never exits; @cli turns it into `error: <message>` and exit status 1. Anything else is a bug and
+keeps its traceback.
 """
 
 import ast
 import difflib
-import os
+import functools
+import io
 import re
 import sys
-
-import torch
+import tokenize
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
+class UserError(Exception):
+    """Bad input, or a run that cannot go on: the message is the whole story, printed as one `error:` line."""
+    prefix = "error: "
+
+
+class _Help(Exception):  # --help: the text to print before a clean exit
+    pass
+
+
+def cli(main):
+    """Decorates a script's main(): UserError becomes one `error: ...` line on stderr and exit status 1; --help
+    prints and exits 0. The only place a script ends itself on purpose."""
+    @functools.wraps(main)
+    def run(*args, **kw):
+        try:
+            return main(*args, **kw)
+        except _Help as h:
+            print(h)
+            sys.exit(0)
+        except UserError as e:
+            sys.exit(f"{e.prefix}{e}")
+    return run
+
+
 def cast(key, text, default):
     """text -> the type of `default`: bool, int, float, str, or a tuple written "a,b" / "(a,b)" of the same length,
-    each element cast to its default's type. A bad value exits with one error line."""
+    each element cast to its default's type. A bad value raises UserError."""
     if isinstance(default, tuple):
         parts = [p.strip() for p in text.strip().strip("()").split(",")]
         if len(parts) != len(default):
-            sys.exit(f"error: --{key}={text} needs {len(default)} comma-separated values, like {_show(default)}")
+            raise UserError(f"--{key}={text} needs {len(default)} comma-separated values, like {_show(default)}")
         return tuple(cast(key, p, d) for p, d in zip(parts, default))
     if isinstance(default, bool):
         if text.lower() not in TRUE + FALSE:
-            sys.exit(f"error: --{key}={text} is not a bool (true/false)")
+            raise UserError(f"--{key}={text} is not a bool (true/false)")
         return text.lower() in TRUE
     try:
         return type(default)(text)
     except ValueError:
-        sys.exit(f"error: --{key}={text} is not {'an' if isinstance(default, int) else 'a'} "
-                 f"{type(default).__name__} (default {_show(default)})")
+        raise UserError(f"--{key}={text} is not {'an' if isinstance(default, int) else 'a'} "
+                        f"{type(default).__name__} (default {_show(default)})") from None
 
 
 def parse(argv, defaults, file, presets=None, choices=None, aliases=None, required=()):
     """-> a new dict: `defaults`, then the --config=NAME preset, then every --key=value of argv (None: the command
     line's), type-checked.
 
-    file: the script's __file__ (its docstring and comments make --help); presets: {name: {key: value}};
+    file: the script's __file__ (its docstring and config comments make --help), or several files, the first
+    one's docstring and comments first (a script whose config extends another's); presets: {name: {key: value}};
     choices: {key: allowed values}; aliases: {alias: key} (e.g. {"data": "data_dir"}); required: keys that must be
     given a non-empty value.
     """
     argv = sys.argv[1:] if argv is None else argv
     presets, choices, aliases = presets or {}, choices or {}, aliases or {}
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text(defaults, file, presets, choices, aliases))
-        sys.exit(0)
+        raise _Help(help_text(defaults, file, presets, choices, aliases))
     cfg, pairs, args = dict(defaults), [], list(argv)
     while args:
         arg = args.pop(0)
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--") or not key:
-            sys.exit(f"error: expected --key=value, got {arg!r} (see --help)")
+            raise UserError(f"expected --key=value, got {arg!r} (see --help)")
         key = aliases.get(key, key)
         if key != "config" and key not in defaults:
             close = difflib.get_close_matches(key.replace("-", "_"), list(defaults) + list(aliases), n=1)
-            sys.exit(f"error: unknown key --{key}" + (f" (did you mean --{close[0]}?)" if close else " (see --help)"))
+            raise UserError(f"unknown key --{key}" + (f" (did you mean --{close[0]}?)" if close else " (see --help)"))
         if not eq:
             if isinstance(defaults.get(key), bool):
                 value = "true"
             elif args and not args[0].startswith("--"):
                 value = args.pop(0)
             else:
-                sys.exit(f"error: --{key} needs a value: --{key}=VALUE")
+                raise UserError(f"--{key} needs a value: --{key}=VALUE")
         pairs.append((key, value))
     for key, value in pairs:
         if key == "config":
             if value not in presets:
-                sys.exit(f"error: unknown preset --config={value} (presets: {', '.join(presets)})")
+                raise UserError(f"unknown preset --config={value} (presets: {', '.join(presets)})")
             cfg.update(presets[value])
     for key, value in pairs:
         if key != "config":
             cfg[key] = cast(key, value, defaults[key])
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
-            sys.exit(f"error: --{key}={cfg[key]} is not one of: {', '.join(map(str, allowed))}")
+            raise UserError(f"--{key}={cfg[key]} is not one of: {', '.join(map(str, allowed))}")
     for key in required:
         if cfg[key] in ("", None):
-            sys.exit(f"error: --{key} is required (see --help)")
+            raise UserError(f"--{key} is required (see --help)")
     return cfg
 
 
 def require(cfg, key, ok, allowed):
-    """One error line unless ok(cfg[key]): `error: --key=value: allowed`. For the checks a type cannot express
+    """UserError unless ok(cfg[key]): `error: --key=value: allowed`. For the checks a type cannot express
     (lr > 0, batch_size >= 1, ...), made before any data or model is loaded."""
     if not ok(cfg[key]):
-        sys.exit(f"error: --{key}={_show(cfg[key])}: {allowed}")
+        raise UserError(f"--{key}={_show(cfg[key])}: {allowed}")
 
 
 def parse_kw(key, text, defaults):
@@ -103,28 +132,32 @@ def parse_kw(key, text, defaults):
     for item in filter(None, (s.strip() for s in re.split(r",(?![^()]*\))", text))):
         name, eq, value = item.partition("=")
         if not eq or name.strip() not in defaults:
-            sys.exit(f"error: --{key}: '{item}' is not name=value with name one of: {', '.join(defaults)}")
+            raise UserError(f"--{key}: '{item}' is not name=value with name one of: {', '.join(defaults)}")
         kw[name.strip()] = cast(f"{key} {name.strip()}", value.strip(), defaults[name.strip()])
     return kw
 
 
-def pick_device(name):
-    """auto -> this process's CUDA device (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: --device={name} but torch sees no CUDA device here; use --device=cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        sys.exit(f"error: --device={name} is not a device (auto, cpu, cuda, cuda:1, ...)")
+def config_comments(path):
+    """{name: comment} for every line of a source file that reads `name = value  # comment` (a config block's
+    line, or a keyword of a defaults dict(...)); the first such line of a name wins. Read as Python tokens, so a
+    `#` inside a string is no comment."""
+    lines = {}
+    for tok in tokenize.generate_tokens(io.StringIO(open(path).read()).readline):
+        if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            lines.setdefault(tok.start[0], []).append(tok)
+    comments = {}
+    for toks in lines.values():
+        if len(toks) > 3 and toks[0].type == tokenize.NAME and toks[1].string == "=" and \
+                toks[-1].type == tokenize.COMMENT:
+            comments.setdefault(toks[0].string, toks[-1].string.lstrip("#").strip())
+    return comments
 
 
 def help_text(defaults, file, presets, choices, aliases):
-    source = open(file).read()
-    comments = dict(re.findall(r"^\s*(\w+)\s*=(?!=)[^#\n]*#\s*(.*)$", source, re.M)[::-1])  # first one wins
+    files = [file] if isinstance(file, str) else list(file)
+    comments = {k: v for f in reversed(files) for k, v in config_comments(f).items()}  # the first file wins
     also = {key: alias for alias, key in aliases.items()}
-    lines = [(ast.get_docstring(ast.parse(source)) or "").strip(), "",
+    lines = [(ast.get_docstring(ast.parse(open(files[0]).read())) or "").strip(), "",
              "config (--key=value or --key value; a bool key alone means true):"]
     for key, default in defaults.items():
         note = comments.get(key, "")

@@ -29,6 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import configurator
+import run
+
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,20 +56,20 @@ def _keep_torch_threads():
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
-class DataFileError(FileNotFoundError):
-    """A data set on disk that is not as data.py built it: a file missing, damaged or changed since the build. A
-    FileNotFoundError, so every caller that reports a missing data set in one line reports this one the same way."""
+class DataFileError(configurator.UserError):
+    """A data set on disk that is not as data.py built it: missing, or a file damaged or changed since the build."""
 
 
-def read_meta(data_dir, verify=None):
+def read_meta(data_dir, splits=(), verify=None):
     """data_dir/meta.json, once the split files are checked against it. verify="size" (the default) checks that
     every split's file is there at the size meta.json records (a stat each); "full" also checks each split's content
     hash (reading every byte, once per file and process); None takes DATA_VERIFY from the environment (size or full).
-    A missing data set raises FileNotFoundError, a damaged or changed one DataFileError, with a one-line message that
-    says what to do."""
+    splits: the splits the caller will read, opened and checked now (_open_beton: sample count, fields, image
+    sizes, offsets, label range), so a damaged file fails before any work; the loaders reuse that check.
+    A missing, damaged or changed data set raises DataFileError, with a one-line message that says what to do."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(_not_a_data_set(data_dir))
+        raise DataFileError(_not_a_data_set(data_dir))
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
@@ -77,7 +80,7 @@ def read_meta(data_dir, verify=None):
         raise DataFileError(f"{path} is not a data.py meta.json (no splits or image size); {_rebuild(data_dir, {})}")
     verify = verify or os.environ.get("DATA_VERIFY") or "size"
     if verify not in ("size", "full"):
-        raise ValueError(f"DATA_VERIFY={verify}: size (the default) or full")
+        raise configurator.UserError(f"DATA_VERIFY={verify}: size (the default) or full")
     for split, info in meta["splits"].items():
         beton = os.path.join(data_dir, f"{split}.beton")
         if not os.path.isfile(beton):
@@ -88,7 +91,26 @@ def read_meta(data_dir, verify=None):
                                 f"build; {_rebuild(data_dir, meta)}")
         if verify == "full":
             _verify_content(data_dir, split, meta)
+    for split in splits:
+        _open_beton(data_dir, split, meta)
     return meta
+
+
+def temp_folder(name, kind, pid, unique):
+    """The name of a hidden folder that a build of data set `name` makes beside it (beton.py): kind "build", the
+    temporary folder it writes into, or "old", the version a --force rebuild moves aside; pid the building process.
+    What a killed build leaves, the next build finishes or removes, and a reader of a missing data set says why."""
+    return f".{name}.{kind}-{pid}-{unique}.tmp"
+
+
+def parse_temp_folder(entry, name):
+    """temp_folder's inverse for data set `name`: a folder name -> (kind, pid), or None for any other name."""
+    head, tail = f".{name}.", ".tmp"
+    if not (entry.startswith(head) and entry.endswith(tail)):
+        return None
+    kind, _, rest = entry[len(head): -len(tail)].partition("-")
+    pid, _, unique = rest.partition("-")
+    return (kind, int(pid)) if kind in ("build", "old") and pid.isdecimal() and unique else None
 
 
 def _not_a_data_set(data_dir):
@@ -96,8 +118,9 @@ def _not_a_data_set(data_dir):
     build = f"build one with `python data.py SOURCE --out_dir={data_dir}`"
     if os.path.exists(data_dir):
         why = "it is a file" if not os.path.isdir(data_dir) else build
-    else:  # sources.py's swap moves the old version to .NAME.old-PID-*.tmp; a kill there leaves no data_dir
-        aside = [f for f in (os.listdir(parent) if os.path.isdir(parent) else ()) if f.startswith(f".{name}.old-")]
+    else:  # a --force rebuild moves the old version aside (temp_folder "old"); a kill there leaves no data_dir
+        aside = [f for f in (os.listdir(parent) if os.path.isdir(parent) else ())
+                 if (parse_temp_folder(f, name) or ("",))[0] == "old"]
         why = (f"a --force rebuild of it was killed and left it aside as {aside[0]}; run the same data.py command "
                "again to finish it") if aside else f"it does not exist; {build}"
     return f"{data_dir} is not a data.py output (no meta.json): {why}"
@@ -110,13 +133,24 @@ def _rebuild(data_dir, meta):
             "its meta.json)")
 
 
+_OPENED = {}  # (path, size, mtime_ns) -> _open_beton's result: each file is opened and checked once per process
+
+
 def _open_beton(data_dir, split, meta):
     """A split's file, opened and checked against meta.json: the sample count, the fields, raw images of the
     recorded size, every image and attribute vector inside the file, labels and groups in range. -> (path, Reader,
-    {field: per-sample metadata})."""
+    {field: per-sample metadata}); a file unchanged since its last check here is not read again."""
     if split not in meta["splits"]:
-        raise FileNotFoundError(f"no split {split!r} in {data_dir} (have: {', '.join(meta['splits']) or 'none'})")
+        raise DataFileError(f"no split {split!r} in {data_dir} (have: {', '.join(meta['splits']) or 'none'})")
     path = os.path.join(data_dir, f"{split}.beton")
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, json.dumps(meta["splits"][split], sort_keys=True))
+    if key not in _OPENED:
+        _OPENED[key] = _check_beton(data_dir, path, split, meta)
+    return _OPENED[key]
+
+
+def _check_beton(data_dir, path, split, meta):
     with _keep_torch_threads():
         from ffcv.reader import Reader
         try:
@@ -245,9 +279,7 @@ class SplitLoader:
     """Batches (x uint8 [B, 3, H, W], y int64 [B], g int64 [B]) of one split on `device`; see make_loader."""
 
     def __init__(self, data_dir, split, batch_size, train, device, backend, indices, seed, rank, world_size):
-        meta = read_meta(data_dir)
-        _open_beton(data_dir, split, meta)  # a missing split or a damaged file: one clear error before any work
-        n = meta["splits"][split]["n"]
+        n = read_meta(data_dir, splits=(split,))["splits"][split]["n"]
         self.indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= n):
             raise IndexError(f"indices out of range for split {split!r} of {n} samples")
@@ -520,6 +552,13 @@ AUGMENTS = {
 AUGMENT_PARAMS = {k: p.default for k, p in inspect.signature(augment).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
+def augment_settings(name, overrides=""):
+    """augment()'s keyword arguments for the named list AUGMENTS[name] with overrides "a=1,b=(0.3,1.0)" (checked
+    and typed by configurator.parse_kw); None for "none", where prepare() alone runs."""
+    kw = {**(AUGMENTS[name] or {}), **configurator.parse_kw("augment_kw", overrides, AUGMENT_PARAMS)}
+    return None if AUGMENTS[name] is None else kw
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image files: one decoder for the importers (sources.py) and for inference on any image (evaluate, attention)
 
@@ -580,20 +619,16 @@ SHOW = dict(  # python data.py show DATA_DIR --key=value ...
 def show(argv):
     """Originals beside augmented copies, a block of rows per label x group cell, written as one PNG: does the
     augmentation list leave the class visible? -> the PNG's path."""
-    import configurator
     if argv and not argv[0].startswith("-"):
         argv = [f"--data_dir={argv[0]}", *argv[1:]]
     cfg = configurator.parse(argv, SHOW, __file__, choices={"split": SPLITS, "augment": tuple(AUGMENTS)},
                              aliases={"data": "data_dir", "out": "out_dir"}, required=("data_dir",))
-    kw = {**(AUGMENTS[cfg["augment"]] or {}), **configurator.parse_kw("augment_kw", cfg["augment_kw"], AUGMENT_PARAMS)}
+    kw = augment_settings(cfg["augment"], cfg["augment_kw"])
     if min(cfg["n_per_cell"], cfg["n_aug"], cfg["out_size"] + 1) < 1:
-        sys.exit("error: --n_per_cell and --n_aug want at least 1, --out_size 0 or more")
+        raise configurator.UserError("--n_per_cell and --n_aug want at least 1, --out_size 0 or more")
     data_dir, split = cfg["data_dir"], cfg["split"]
-    try:
-        meta = read_meta(data_dir)
-        labels, groups = load_labels(data_dir, split)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    meta = read_meta(data_dir, splits=(split,))
+    labels, groups = load_labels(data_dir, split)
     name = lambda names, i, unknown: names[i] if 0 <= i < len(names) else unknown
     rng = np.random.default_rng(cfg["seed"])
     rows, row_names = [], []
@@ -606,7 +641,7 @@ def show(argv):
     x = torch.from_numpy(_read_beton(data_dir, split, ("image",), np.array(rows))["image"])
     size = cfg["out_size"] or x.shape[-1]
     gen = torch.Generator().manual_seed(cfg["seed"])
-    draw = (lambda: augment(x, size, gen, **kw)) if cfg["augment"] != "none" else (lambda: prepare(x, size))
+    draw = (lambda: augment(x, size, gen, **kw)) if kw is not None else (lambda: prepare(x, size))
     views = torch.stack([prepare(x, size)] + [draw() for _ in range(cfg["n_aug"])], 1)  # [rows, 1 + n_aug, 3, s, s]
     views = views * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     title = f"{data_dir} {split}: augment={cfg['augment']} {cfg['augment_kw']}".rstrip()
@@ -623,7 +658,6 @@ def _save_grid(views, row_names, title, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import model
     n_rows, n_cols = views.shape[:2]
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols + 1.5, n_rows + 0.4), squeeze=False,
                              layout="constrained")
@@ -637,36 +671,20 @@ def _save_grid(views, row_names, title, path):
         axes[0, c].set_title("original" if c == 0 else "augmented", fontsize=8)
     fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
 
 
+@configurator.cli
 def main(argv=None):
-    """`python data.py SOURCE --key=value ...` builds a data set, `python data.py show DATA_DIR ...` draws one."""
+    """`python data.py show DATA_DIR ...` draws a data set; `python data.py SOURCE --key=value ...` builds one
+    (sources.main)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["show"]:
         show(argv[1:])
         return
     import sources  # the builders and their imports (OpenCV, PIL, pyarrow, the Hub client) load for this command only
-    if not argv:
-        sys.exit(f"error: name a source ({', '.join(sources.SOURCES)}) or show (see python data.py --help)")
-    if argv[0] in ("-h", "--help"):
-        print(f"{__doc__.strip()}\n\n{sources.__doc__.strip()}")
-        sys.exit(0)
-    source, rest = argv[0], argv[1:]
-    if source not in sources.SOURCES:
-        sys.exit(f"error: unknown source {source!r} (sources: {', '.join(sources.SOURCES)}; or show)")
-    if any(a in ("-h", "--help") for a in rest):
-        print(f"python data.py {source} --key=value ...\n{inspect.getdoc(sources.SOURCES[source][0])}\n")
-    cfg = sources.parse(source, rest)
-    try:
-        meta = sources.build(source, cfg)
-    except sources.DataError as e:
-        sys.exit(f"error: {e}")
-    for s in SPLITS:
-        cells = " ".join(f"{c['label']}/{c['group']}:{c['n']}" for c in meta["splits"][s]["cells"])
-        print(f"{s:5s} n={meta['splits'][s]['n']:6d}  label/group cells {cells}")
-    print(f"wrote {cfg['out_dir']} ({meta['n_skipped']} files skipped, content {meta['content_hash'][:12]})")
+    return sources.main(argv)
 
 
 if __name__ == "__main__":

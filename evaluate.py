@@ -24,6 +24,8 @@ from tqdm import tqdm
 import configurator
 import data
 import model
+import run
+from configurator import UserError
 
 GROUP_NAMES = ("women", "men")  # index = group id
 
@@ -313,7 +315,14 @@ def predict(net, loader, img_size, desc=None, world=1, amp="none"):
         groups.append(g.cpu())
     out = [torch.cat(t) for t in (scores, labels, groups)]
     # gloo gathers CPU tensors, NCCL device ones: the tensors travel on the model's device
-    return tuple(model.gather(t.to(device), world).cpu() for t in out) if world > 1 else tuple(out)
+    return tuple(run.gather(t.to(device), world).cpu() for t in out) if world > 1 else tuple(out)
+
+
+def split_metrics(net, loader, img_size, group_names=GROUP_NAMES, world=1, amp="none"):
+    """compute_metrics of net over a whole split (each rank predicts its shard), without bootstrap CIs: what the
+    trainers report on validation and test. Per-group numbers only where the split has both groups."""
+    scores, labels, groups = predict(net, loader, img_size, world=world, amp=amp)
+    return compute_metrics(scores, labels, groups, fair=has_both_groups(groups), group_names=group_names, n_boot=0)
 
 
 # -----------------------------------------------------------------------------
@@ -388,7 +397,7 @@ def plot_report(report, path):
     cm_ax.set_title("confusion (argmax)", pad=24)
     fig.suptitle(f"{report['ckpt']} on {report['data']}/{report['split']}", fontsize=8)
     fig.tight_layout()
-    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -442,13 +451,13 @@ def parse_args(argv):
     cfg = configurator.parse(argv, CLI, __file__, aliases={"data": "data_dir", "out": "out_dir"}, required=("ckpt",),
                              choices={"amp": ("bf16", "none")})
     if bool(cfg["data_dir"]) == bool(cfg["images"]):
-        sys.exit("error: give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
+        raise UserError("give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
     if cfg["images"] and (cfg["submit"] or cfg["card"] or cfg["push_to_hub"]):
-        sys.exit("error: --images writes predictions only; --submit, --card and --push_to_hub need --data_dir")
+        raise UserError("--images writes predictions only; --submit, --card and --push_to_hub need --data_dir")
     if (cfg["card"] or cfg["push_to_hub"]) and not cfg["out_dir"]:
-        sys.exit("error: --card and --push_to_hub need --out_dir (the card is written there first)")
+        raise UserError("--card and --push_to_hub need --out_dir (the card is written there first)")
     if cfg["n_boot"] < 0 or cfg["batch_size"] < 1:
-        sys.exit("error: --n_boot must be >= 0 and --batch_size >= 1")
+        raise UserError("--n_boot must be >= 0 and --batch_size >= 1")
     return SimpleNamespace(**cfg)
 
 
@@ -457,8 +466,9 @@ def read_thresholds(path, names):
     try:
         saved = json.loads(Path(path).read_text())["thresholds"]
         return [float(saved[n]) for n in names[:2]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: --thresholds={path}: no per-group thresholds for {', '.join(names[:2])} in it ({e!r})")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, or not an evaluate.py report
+        raise UserError(f"--thresholds={path}: no per-group thresholds for {', '.join(names[:2])} in it "
+                                     f"({e!r})") from None
 
 
 def write_predictions(path, scores, labels, groups, thresholds, files=None):
@@ -472,7 +482,7 @@ def write_predictions(path, scores, labels, groups, thresholds, files=None):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
-    model.write_atomic(path, write)
+    run.write_atomic(path, write)
 
 
 def model_card(report, ck_meta, meta):
@@ -538,76 +548,89 @@ def push_to_hub(repo_id, ckpt, out_dir, config):
 
     from huggingface_hub import HfApi
 
-    model.write_atomic(os.path.join(out_dir, "config.json"), lambda tmp: Path(tmp).write_text(json.dumps(config)))
+    run.write_text(os.path.join(out_dir, "config.json"), json.dumps(config))
     staged = os.path.join(out_dir, "model.safetensors")
     if os.path.abspath(ckpt) != os.path.abspath(staged):
-        model.write_atomic(staged, lambda tmp: shutil.copyfile(ckpt, tmp))
+        run.write_atomic(staged, lambda tmp: shutil.copyfile(ckpt, tmp))
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
         for name in ("model.safetensors", "README.md", "config.json"):
             api.upload_file(path_or_fileobj=os.path.join(out_dir, name), path_in_repo=name, repo_id=repo_id)
     except (OSError, ValueError) as e:  # offline, HF_HUB_OFFLINE=1, no token, no rights: hub errors are OSErrors
-        sys.exit(f"error: cannot push to the Hub repo {repo_id} ({type(e).__name__}); log in with `hf auth login` "
-                 f"and check the network; everything to upload is in {out_dir}")
+        raise UserError(f"cannot push to the Hub repo {repo_id} ({type(e).__name__}); log in with "
+                                     f"`hf auth login` and check the network; everything to upload is in {out_dir}") \
+            from None
     print(f"pushed model.safetensors, README.md and config.json to https://huggingface.co/{repo_id}")
 
 
+@configurator.cli
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        net, ck_meta, _ = model.load_checkpoint(args.ckpt)
-        meta = data.read_meta(args.data_dir) if args.data_dir else None
-    except (ValueError, OSError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    cfg = net.config_dict()
-    img_size = cfg["img_size"]
-    device = configurator.pick_device(args.device)
+    net, ck_meta, _ = model.load_checkpoint(args.ckpt)
+    device = run.pick_device(args.device)
     net.to(device)
     runner = torch.compile(net) if args.compile else net  # the model as predict() calls it
     if args.images:
-        trained = ck_meta.get("data", {}).get("image_size") or [img_size, img_size]
-        images, files, skipped = data.read_images(args.images, trained[0])
-        for path, why in skipped:
-            print(f"skipped {path}: {why}")
-        if not len(images):
-            sys.exit(f"error: no readable image in --images={args.images}")
-        none = torch.full((len(images),), -1)  # no labels, no groups
-        batches = ((x.to(device), y, g) for x, y, g in zip(*(t.split(args.batch_size) for t in (images, none, none))))
-        scores, _, _ = predict(runner, batches, img_size, desc="predict", amp=args.amp)
-        out = args.out_dir or "predictions.csv"
-        out = out if out.endswith(".csv") else os.path.join(out, "predictions.csv")
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        write_predictions(out, scores, none, none, None, files)
-        print(f"wrote {len(files)} predictions to {out} ({len(skipped)} files skipped)")
-        return
+        predict_images(args, runner, net.config_dict()["img_size"], ck_meta, device)
+    else:
+        score_split(args, net, runner, ck_meta, device)
 
-    classes = meta["classes"]
-    if args.split not in meta["splits"]:
-        sys.exit(f"error: split '{args.split}' is not in {args.data_dir} (it has: {', '.join(meta['splits'])})")
-    if cfg["num_classes"] != len(classes):
-        sys.exit(f"error: {args.ckpt} predicts {cfg['num_classes']} classes but {args.data_dir} has {len(classes)} "
-                 f"({', '.join(classes)}): a checkpoint for another task or a backbone without a head")
+
+def predict_images(args, runner, img_size, ck_meta, device):
+    """--images: predictions for image files (no labels, no groups) -> predictions.csv."""
+    trained = ck_meta.get("data", {}).get("image_size") or [img_size, img_size]
+    images, files, skipped = data.read_images(args.images, trained[0])
+    for path, why in skipped:
+        print(f"skipped {path}: {why}")
+    if not len(images):
+        raise UserError(f"no readable image in --images={args.images}")
+    none = torch.full((len(images),), -1)  # no labels, no groups
+    batches = ((x.to(device), y, g) for x, y, g in zip(*(t.split(args.batch_size) for t in (images, none, none))))
+    scores, _, _ = predict(runner, batches, img_size, desc="predict", amp=args.amp)
+    out = args.out_dir or "predictions.csv"
+    out = out if out.endswith(".csv") else os.path.join(out, "predictions.csv")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_predictions(out, scores, none, none, None, files)
+    print(f"wrote {len(files)} predictions to {out} ({len(skipped)} files skipped)")
+
+
+def check_split(args, net, ck_meta, meta):
+    """Everything about --data_dir/--split that can be known before predicting. -> whether the split is labelled."""
+    classes, num_classes = meta["classes"], net.config_dict()["num_classes"]
+    if num_classes != len(classes):
+        raise UserError(f"{args.ckpt} predicts {num_classes} classes but {args.data_dir} has "
+                                     f"{len(classes)} ({', '.join(classes)}): a checkpoint for another task or a "
+                                     "backbone without a head")
     if differ := data.mismatch(ck_meta.get("data", {}), meta):
-        sys.exit(f"error: {args.ckpt} was trained for another task or data than {args.data_dir} (trained vs here: "
-                 f"{differ})")
-    try:  # open the splits predict will read: a damaged file is one line now
-        for split in {args.split, "val"} & set(meta["splits"]):
-            data.load_labels(args.data_dir, split)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        raise UserError(f"{args.ckpt} was trained for another task or data than {args.data_dir} "
+                                     f"(trained vs here: {differ})")
     if args.submit and len(classes) != 2:
-        sys.exit("error: the challenge format (-1/1) needs a 2-class data set")
-    names = meta.get("groups") or list(GROUP_NAMES)
+        raise UserError("the challenge format (-1/1) needs a 2-class data set")
+    has_labels = all(c["label"] >= 0 for c in meta["splits"][args.split]["cells"])
+    if not has_labels and not args.submit:
+        raise UserError(f"split '{args.split}' has no labels to score; use --submit to write predictions")
+    if not has_labels and (args.card or args.push_to_hub):
+        raise UserError(f"a model card needs metrics: split '{args.split}' has no labels")
+    return has_labels
+
+
+def score_split(args, net, runner, ck_meta, device):
+    """--data_dir: score a split (metrics, CIs, per-group thresholds fitted on val) -> report.json, report.png,
+    predictions.csv, and on request the model card, a challenge submission and a Hub upload."""
+    meta = data.read_meta(args.data_dir)
+    if args.split not in meta["splits"]:
+        raise UserError(f"split '{args.split}' is not in {args.data_dir} (it has: "
+                                     f"{', '.join(meta['splits'])})")
+    data.read_meta(args.data_dir, splits={args.split, "val"} & set(meta["splits"]))  # the files predict will read
+    has_labels = check_split(args, net, ck_meta, meta)
+    classes, names, img_size = meta["classes"], meta.get("groups") or list(GROUP_NAMES), net.config_dict()["img_size"]
     thresholds = read_thresholds(args.thresholds, names) if args.thresholds else None
 
     loader = lambda split: data.make_loader(args.data_dir, split, args.batch_size, train=False, device=device)
     scores, labels, groups = predict(runner, loader(args.split), img_size, desc=f"predict {args.split}",
                                      amp=args.amp)
-    has_labels = bool((labels >= 0).all())
     fair = has_both_groups(groups)
-    if not has_labels and not args.submit:
-        sys.exit(f"error: split '{args.split}' has no labels to score; use --submit to write predictions")
     if has_labels and not fair:
         print(f"split '{args.split}' of {args.data_dir} does not hold both groups: overall metrics only")
     if thresholds is None and len(classes) == 2 and "val" in meta["splits"]:
@@ -617,7 +640,8 @@ def main(argv=None):
         if bool((val[1] >= 0).all()) and has_both_groups(val[2]):
             thresholds = fit_group_thresholds(*val)
     if args.submit_thresholds and thresholds is None:
-        sys.exit("error: --submit_thresholds needs --thresholds=REPORT.json or a labelled val split with both groups")
+        raise UserError("--submit_thresholds needs --thresholds=REPORT.json or a labelled val split with "
+                                     "both groups")
 
     report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split}
     if thresholds is not None:
@@ -629,34 +653,34 @@ def main(argv=None):
             report["thresholded"] = compute_metrics(scores, labels, groups, thresholds, group_names=names,
                                                     class_names=classes, n_boot=args.n_boot)
         print_table(report)
-
     if args.submit:
         decided = decide(scores, groups, thresholds) if args.submit_thresholds else decide(scores)
-        lines = "".join("1\n" if c == 1 else "-1\n" for c in decided.tolist())
-        model.write_atomic(args.submit, lambda tmp: Path(tmp).write_text(lines))
+        run.write_text(args.submit, "".join("1\n" if c == 1 else "-1\n" for c in decided.tolist()))
         print(f"wrote {len(scores)} predictions to {args.submit}"
               + (" (per-group thresholds)" if args.submit_thresholds else ""))
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        model.write_atomic(os.path.join(args.out_dir, "report.json"),
-                           lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-        files = meta["splits"][args.split].get("files")
-        write_predictions(os.path.join(args.out_dir, "predictions.csv"), scores, labels, groups, thresholds, files)
-        written = ["report.json", "predictions.csv"]
-        if has_labels:
-            plot_report(report, os.path.join(args.out_dir, "report.png"))
-            written.append("report.png")
-        if args.card or args.push_to_hub:
-            if not has_labels:
-                sys.exit(f"error: a model card needs metrics: split '{args.split}' has no labels")
-            card = model_card(report, ck_meta, meta)
-            model.write_atomic(os.path.join(args.out_dir, "README.md"), lambda tmp: Path(tmp).write_text(str(card)))
-            written.append("README.md")
-        print(f"wrote {', '.join(written)} to {args.out_dir}")
+        write_outputs(args, report, ck_meta, meta, (scores, labels, groups), thresholds, has_labels)
     if args.push_to_hub:
         push_to_hub(args.push_to_hub, args.ckpt, args.out_dir,
-                    {"model": cfg, "arch": net.arch, "classes": classes, "groups": names,
+                    {"model": net.config_dict(), "arch": net.arch, "classes": classes, "groups": names,
                      "criterion": meta.get("criterion"), "image_size": meta["image_size"]})
+
+
+def write_outputs(args, report, ck_meta, meta, predictions, thresholds, has_labels):
+    """out_dir: report.json, predictions.csv, report.png (labelled splits) and README.md (--card / --push_to_hub)."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    run.write_text(os.path.join(args.out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
+    files = meta["splits"][args.split].get("files")
+    write_predictions(os.path.join(args.out_dir, "predictions.csv"), *predictions, thresholds, files)
+    written = ["report.json", "predictions.csv"]
+    if has_labels:
+        plot_report(report, os.path.join(args.out_dir, "report.png"))
+        written.append("report.png")
+    if args.card or args.push_to_hub:
+        run.write_text(os.path.join(args.out_dir, "README.md"), str(model_card(report, ck_meta, meta)))
+        written.append("README.md")
+    print(f"wrote {', '.join(written)} to {args.out_dir}")
+
 
 if __name__ == "__main__":
     main()

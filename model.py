@@ -11,26 +11,24 @@ Module names follow DINO/timm (`blocks.0.attn.qkv`, ...) so their state dicts lo
 layout (`encoder.layer.0.attention.attention.query`, ...) is renamed on load.
 """
 
-import contextlib
 import json
 import math
 import os
 import pickle  # only for its exception type: pickles are read by torch.load(weights_only=True)
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import huggingface_hub
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import errors as hub_errors
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+import run
+from configurator import UserError
 
 
 @dataclass
@@ -170,7 +168,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.img_size % cfg.patch_size or cfg.dim % cfg.heads or cfg.pos_interp not in ("dino", "size"):
-            raise ValueError(f"bad {cfg}: needs img_size % patch_size == dim % heads == 0, pos_interp 'dino' or 'size'")
+            raise UserError(f"bad {cfg}: needs img_size % patch_size == dim % heads == 0, pos_interp 'dino' or 'size'")
         self.cfg = cfg
         n = cfg.img_size // cfg.patch_size
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.dim)
@@ -244,7 +242,7 @@ def _download(repo_id):
             config = None
     # not cached and no network, or HF_HUB_OFFLINE=1 (OfflineModeIsEnabled is a ConnectionError)
     except (hub_errors.LocalEntryNotFoundError, ConnectionError):
-        raise ConnectionError(
+        raise UserError(
             f"the Hugging Face Hub is unreachable (offline or HF_HUB_OFFLINE=1) and {repo_id} is not cached: "
             f"download its model.safetensors (and config.json) elsewhere and pass the local file, e.g. "
             f"load_pretrained('/path/to/model.safetensors')"
@@ -257,7 +255,7 @@ def checkpoint_path(src):
     if os.path.exists(src):
         return src
     if not _is_repo_id(src):
-        raise FileNotFoundError(f"no checkpoint file {src} (nor a Hub repo id owner/name)")
+        raise UserError(f"no checkpoint file {src} (nor a Hub repo id owner/name)")
     return str(_download(src)[0])
 
 
@@ -272,17 +270,20 @@ def _read_source(src):
     if path.is_dir():
         found = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
         if not found:
-            raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin in this folder")
+            raise UserError(f"{src}: no model.safetensors or pytorch_model.bin in this folder")
         weights, config = found[0], path / "config.json"
     elif path.is_file():
         weights, config = path, path.parent / "config.json"  # transformers keeps config.json beside the weights
     elif not _is_repo_id(src):
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise UserError(f"{src}: no such file or folder")
     else:
         weights, config = _download(src)
     hub_config = json.loads(config.read_text()) if config is not None and config.is_file() else {}
     if weights.suffix == ".safetensors":
-        sd = load_file(weights)
+        try:
+            sd = load_file(weights)
+        except SafetensorError as e:
+            raise UserError(f"{weights}: not a readable safetensors file ({e})") from None
         if any(k.startswith("model.") for k in sd):  # one of our checkpoints: its weights, not its resume state,
             sd = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
             with safe_open(weights, framework="pt") as f:  # and its own record of the architecture
@@ -292,7 +293,7 @@ def _read_source(src):
         try:
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise ValueError(f"{weights}: holds Python objects other than tensors, which torch.load(weights_only=True) "
+            raise UserError(f"{weights}: holds Python objects other than tensors, which torch.load(weights_only=True) "
                              "refuses to run; not loaded (convert it to .safetensors where you trust it)") from None
         sd = sd.get("state_dict", sd.get("model", sd))  # training checkpoints nest the weights
 
@@ -322,7 +323,7 @@ def _heads(src, dim, hub_config, overrides):
     that width. The tensors cannot tell it (qkv is dim x 3 dim for any count), so never a guess."""
     heads = overrides.get("heads") or hub_config.get("num_attention_heads") or KNOWN_HEADS.get(dim)
     if not heads:
-        raise ValueError(f"{src}: cannot tell its number of attention heads (width {dim} is not a standard ViT's, and "
+        raise UserError(f"{src}: cannot tell its number of attention heads (width {dim} is not a standard ViT's, and "
                          f"no config.json or checkpoint metadata says): pass heads=N to load_pretrained")
     return heads
 
@@ -337,7 +338,7 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
     sd, hf_layout, hub_config = _read_source(src)
     need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"]
     if absent := [k for k in need if k not in sd]:
-        raise ValueError(f"{src}: not a ViT checkpoint in the transformers or DINO/timm layout: no {absent}; "
+        raise UserError(f"{src}: not a ViT checkpoint in the transformers or DINO/timm layout: no {absent}; "
                          f"keys are like {sorted(sd)[:5]}")
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     cfg = ViTConfig(
@@ -360,7 +361,7 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
                  if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or misshaped:
         short = lambda names: ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "") or "-"
-        raise ValueError(f"{src}: weights do not fit {model.cfg}: missing keys: {short(missing)}; "
+        raise UserError(f"{src}: weights do not fit {model.cfg}: missing keys: {short(missing)}; "
                          f"unexpected keys: {short(unexpected)}; misshaped keys (file vs model): {short(misshaped)}")
     model.load_state_dict(sd, strict=False)  # strict apart from the head, checked above
     return model
@@ -419,134 +420,25 @@ def _unwrap(model):  # the module inside DDP (.module) and torch.compile (._orig
     return model
 
 
-def write_atomic(path, write):
-    """write(tmp) into a temporary name beside `path`, then rename it over `path`: a reader (or a crash) never sees
-    half a file, and a failed write leaves neither a partial `path` nor the temporary file. Every file this repo
-    writes goes through here."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# a run's folder: one run at a time, never over an earlier run by accident, and a clean stop on Ctrl-C / SIGTERM
-
-RUN_FILES = ("last.safetensors", "best.safetensors", "log.jsonl")  # what makes a folder hold a run
-STOP = threading.Event()  # set by SIGINT / SIGTERM inside run_dir: the training loops stop at the next step
-
-
-@contextlib.contextmanager
-def run_dir(path, resume=False, force=False, master=True):
-    """Claim `path` for one training run. Refuses (one error line) a folder holding an earlier run unless resume
-    (continue it) or force (replace it); a lock file (path/.lock, the owner's pid) keeps a second run out, and a
-    lock whose process is gone is taken over with a message. While inside, SIGINT / SIGTERM set STOP instead of
-    killing the process, so the loop can stop between steps with its last checkpoint intact. Non-master DDP ranks
-    only get the signal handling."""
-    lock = os.path.join(path, ".lock")
-    if master:
-        earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
-        if earlier and not (resume or force):
-            sys.exit(f"error: {path} holds an earlier run ({', '.join(earlier)}): pass --resume=true to continue it, "
-                     "--force=true to replace it, or choose another --out_dir")
-        os.makedirs(path, exist_ok=True)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = Path(lock).read_text().strip()
-            if owner.isdigit() and _alive(int(owner)):
-                sys.exit(f"error: another run (pid {owner}) is writing to {path}; wait for it or choose another "
-                         "--out_dir")
-            print(f"taking over {lock}: its run (pid {owner or '?'}) is gone")
-            fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-    STOP.clear()
-    previous = {s: signal.signal(s, lambda *_: STOP.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if master and os.path.exists(lock):
-            os.remove(lock)
-
-
 def resume_state(path, cfg, must_match, master=True):
     """The resume state of path (a last.safetensors), checked against this run's config: keys in must_match (the
     architecture, the optimizer, the data) must equal the saved ones (else one error line naming them); any other
     difference (lr, epochs, ...) is allowed and printed. The saved model's weights come back as state["weights"]."""
     try:
         saved, meta, state = load_checkpoint(path)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot resume from {path} ({e}); delete it to start over, or choose a new --out_dir")
+    except UserError as e:  # damaged or foreign: say what to do about it
+        raise UserError(f"cannot resume from {path} ({e}); delete it to start over, or choose a new "
+                        "--out_dir") from None
     if state is None:
-        sys.exit(f"error: {path} holds no resume state; delete it to start over, or choose a new --out_dir")
+        raise UserError(f"{path} holds no resume state; delete it to start over, or choose a new --out_dir")
     before = meta.get("config", {})
     differ = {k: (before[k], v) for k, v in cfg.items() if k in before and before[k] != v}
     if clash := [k for k in must_match if k in differ]:
-        sys.exit("error: cannot resume with a different " + ", ".join(f"{k} (saved {differ[k][0]!r}, now "
-                                                                         f"{differ[k][1]!r})" for k in clash))
+        raise UserError("cannot resume with a different " + ", ".join(f"{k} (saved {differ[k][0]!r}, now "
+                                                                      f"{differ[k][1]!r})" for k in clash))
     if master and (changed := {k: d for k, d in differ.items() if k not in ("resume", "force", "stop_after")}):
         print("resuming with changed config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return {**state, "weights": saved.state_dict()}
-
-
-def stop_requested(world=1, device="cpu"):
-    """Whether a SIGINT / SIGTERM arrived (under DDP: on any rank; every rank gets the same answer)."""
-    if world == 1:
-        return STOP.is_set()
-    flag = torch.tensor([float(STOP.is_set())], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-# the distributed run's shared state: predictions and RNG states gathered over ranks (one process: as they are)
-
-def gather(t, world):
-    """All ranks' tensors [n_r, ...] concatenated (rank order); pads to the largest n_r for all_gather."""
-    if world == 1:
-        return t
-    n = torch.tensor([len(t)], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: len(t)] = t
-    out = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
-
-
-def rng_states(generator, device, world):
-    """Every rank's RNG states (torch, CUDA, the augmentation generator), gathered so rank 0 can save them all in
-    the resume state. A collective: every rank calls it."""
-    states = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-    return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
-
-
-def set_rng_states(states, generator, device, rank):
-    """Restore this rank's RNG states from rng_states()'s record (resume)."""
-    r = rank % len(states["torch"])
-    torch.set_rng_state(states["torch"][r].cpu())
-    generator.set_state(states["augment"][r].cpu())
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"][r].cpu(), device)
 
 
 def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = None):
@@ -560,7 +452,7 @@ def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = 
     metadata |= {k: json.dumps(v) for k, v in meta.items()}
     if state is not None:
         metadata["state"] = json.dumps(_flatten(state, "state", tensors))
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    run.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -573,17 +465,17 @@ def load_checkpoint(path, device="cpu"):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a checkpoint of ours (not a safetensors file: {e})") from None
+        raise UserError(f"{path}: not a checkpoint of ours (not a safetensors file: {e})") from None
     if not metadata.keys() >= {"arch", "model_config"}:
-        raise ValueError(f"{path}: not a checkpoint of ours (no 'arch' and 'model_config' in its metadata)")
+        raise UserError(f"{path}: not a checkpoint of ours (no 'arch' and 'model_config' in its metadata)")
     if metadata["arch"] not in ARCHS:
-        raise ValueError(f"{path}: unknown arch {metadata['arch']!r}; known: {', '.join(sorted(ARCHS))}")
+        raise UserError(f"{path}: unknown arch {metadata['arch']!r}; known: {', '.join(sorted(ARCHS))}")
     try:
         model = ARCHS[metadata["arch"]](json.loads(metadata["model_config"]))
         model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     except (TypeError, ValueError, RuntimeError) as e:  # unknown config keys; missing, extra or misshaped tensors
         first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path}: its {metadata['arch']} config or weights do not fit this code ({first})") from None
+        raise UserError(f"{path}: its {metadata['arch']} config or weights do not fit this code ({first})") from None
     meta = {k: json.loads(v) for k, v in metadata.items() if k not in _RESERVED}
     state = _unflatten(json.loads(metadata["state"]), tensors) if "state" in metadata else None
     return model.to(device), meta, state
@@ -637,9 +529,9 @@ class WideResNet50(nn.Module):
         try:
             self.net = torchvision.models.wide_resnet50_2(weights=weights)
         except OSError as e:  # offline (URLError is an OSError) or unwritable cache
-            raise RuntimeError(f"cannot get torchvision's ImageNet weights for wide_resnet50_2 ({e}); offline, use "
-                               f"pretrained=False or put {weights.url.rsplit('/', 1)[-1]} in "
-                               f"{torch.hub.get_dir()}/checkpoints/") from None
+            raise UserError(f"cannot get torchvision's ImageNet weights for wide_resnet50_2 ({e}); offline, use "
+                            f"--pretrained= (random init) or put {weights.url.rsplit('/', 1)[-1]} in "
+                            f"{torch.hub.get_dir()}/checkpoints/") from None
         self.img_size, self.num_classes = img_size, num_classes
         self.net.fc = nn.Linear(self.net.fc.in_features, num_classes)
 

@@ -3,7 +3,7 @@ MixMatch (Berthelot et al. 2019, https://arxiv.org/abs/1905.02249) semi-supervis
 in one file, nanoGPT style: the config block below holds the defaults, --key=value overrides them (configurator.py).
 
     python train_mixmatch.py --data=data/celeba --n_labeled=250                    # MixMatch, DINO ViT-S/8
-    python train_mixmatch.py --data=data/aaf --arch=wrn50_2 --mode=supervised      # the baseline, same labels
+    python train_mixmatch.py --data=data/aaf --config=wrn50_2 --mode=supervised    # the baseline, same labels
     python train_mixmatch.py --config=cpu_small --data=data/ssl --n_labeled=250    # small CNN from scratch on CPU
     python train_mixmatch.py --table --config=cpu_small --data=data/ssl --out_dir=runs/ssl_table  # -> ssl_table.md
     python train_mixmatch.py ... --out_dir=runs/x --resume                         # continue a killed run exactly
@@ -42,7 +42,6 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -55,7 +54,9 @@ import configurator
 import data
 import evaluate
 import model
+import run
 import sing
+from configurator import UserError
 
 # -----------------------------------------------------------------------------
 # config (defaults: the DINO ViT-S/8 fine-tuned with MixMatch)
@@ -69,10 +70,9 @@ seed = 0  # model init, augmentation, mixup, batch order and the choice of the l
 n_labeled = 250  # labelled train images, balanced per class; the rest of the train split is unlabelled
 mode = "mixmatch"  # mixmatch | supervised | full
 # model
-arch = "vit"  # vit (model.py's ViT) | wrn50_2 (torchvision Wide-ResNet-50-2) | small (from-scratch CNN for CPU runs)
-pretrained = True  # vit: DINO weights from vit_src; wrn50_2: torchvision's ImageNet weights; small: ignored
-vit_src = "facebook/dino-vits8"  # Hub id or local file for load_pretrained; pretrained=false builds vit_preset
-vit_preset = "vit_small_patch8"  # model.PRESETS name used when pretrained=false
+net = "vit"  # vit (model.py's ViT) | wrn50_2 (torchvision Wide-ResNet-50-2) | small (a from-scratch CNN for CPUs)
+pretrained = "facebook/dino-vits8"  # vit: Hub id or weights file; wrn50_2: torchvision (ImageNet); "": random init
+arch = "vit_small_patch8"  # model.PRESETS name of the ViT built when pretrained is empty (train_vit.py's meaning)
 small_width = 16  # channels of the small CNN's first stage (doubles per stage)
 img_size = 224  # model input: images are augmented at native size and resized to this on the device
 augment = "weak"  # a data.AUGMENTS list: weak (crop + flip, the reference's kind) | full (the original's) | none
@@ -102,11 +102,11 @@ table = False  # supervised, mixmatch, mixmatch without mixup, full: table_seeds
 table_seeds = 3  # seeds 0 .. table_seeds-1
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
-CHOICES = {"mode": ("mixmatch", "supervised", "full"), "arch": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
-           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "vit_preset": tuple(model.PRESETS),
+CHOICES = {"mode": ("mixmatch", "supervised", "full"), "net": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
+           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "arch": tuple(model.PRESETS),
            "amp": ("bf16", "none")}
 # what a resumed run must share with the saved one (architecture, optimizer, data, labelled subset); the rest may change
-RESUME_MUST_MATCH = ("data_dir", "mode", "n_labeled", "seed", "arch", "pretrained", "vit_src", "vit_preset",
+RESUME_MUST_MATCH = ("data_dir", "mode", "n_labeled", "seed", "net", "pretrained", "arch",
                      "small_width", "img_size", "opt", "batch_size", "K")
 PRESETS = {
     # small CNN from scratch on the synthetic set, CPU: the README's table (12 runs of 500 steps in 8 minutes on 2
@@ -115,11 +115,11 @@ PRESETS = {
     # 1000-step run (ramp 400 steps, not the reference's 16k) collapsed to the majority class on seed 1. 8 is
     # measured. The crop keeps at least 64% of the area (80% of the side), close to the reference's 4-pixel
     # pad-and-crop on 32x32 images.
-    "cpu_small": dict(arch="small", pretrained=False, img_size=40, lr=2e-3, batch_size=64, steps=500, eval_every=50,
+    "cpu_small": dict(net="small", pretrained="", img_size=40, lr=2e-3, batch_size=64, steps=500, eval_every=50,
                       lambda_u=8.0, rampup=0.4, ema_decay=0.99, device="cpu", augment_kw="crop_scale=(0.64,1.0)",
                       amp="none"),
     # the original gender / mask experiments' backbone, ImageNet weights
-    "wrn50_2": dict(arch="wrn50_2", img_size=224, lr=1e-4, batch_size=32),
+    "wrn50_2": dict(net="wrn50_2", pretrained="torchvision", img_size=224, lr=1e-4, batch_size=32),
 }
 # the table's rows: (name, run folder tag, config overrides); "no mixup" is the paper's ablation
 TABLE = (("supervised", "supervised", dict(mode="supervised")),
@@ -238,81 +238,97 @@ class Batches:
 # ----------------------------------------------------------------------------- one run
 
 def build_model(c, num_classes):
-    if c.arch == "small":
+    if c.net == "small":
         return model.SmallCNN(img_size=c.img_size, num_classes=num_classes, width=c.small_width)
-    if c.arch == "wrn50_2":
-        return model.WideResNet50(img_size=c.img_size, num_classes=num_classes, pretrained=c.pretrained)
+    if c.net == "wrn50_2":
+        return model.WideResNet50(img_size=c.img_size, num_classes=num_classes, pretrained=bool(c.pretrained))
     if c.pretrained:
-        return model.load_pretrained(c.vit_src, img_size=c.img_size, num_classes=num_classes)
-    return model.ViT(dataclasses.replace(model.PRESETS[c.vit_preset], img_size=c.img_size, num_classes=num_classes))
+        return model.load_pretrained(c.pretrained, img_size=c.img_size, num_classes=num_classes)
+    return model.ViT(dataclasses.replace(model.PRESETS[c.arch], img_size=c.img_size, num_classes=num_classes))
 
 
-def split_metrics(net, loader, img_size, group_names, world, amp):
-    """evaluate.py's metrics over the whole split (each rank predicts its shard); per-group accuracy and the fair
-    score only where the split has both groups."""
-    scores, labels, groups = evaluate.predict(net, loader, img_size, world=world, amp=amp)
-    return evaluate.compute_metrics(scores, labels, groups, fair=evaluate.has_both_groups(groups),
-                                    group_names=group_names, n_boot=0)
+def mixmatch_losses(c, net, forward, xl, pl, views):
+    """MixMatch's two losses for one step: labels guessed from the K unlabelled views (sharpened with T), the rows
+    [x; u_1..u_K] mixed with their targets (unless mixup=false), one forward over all of them (BN statistics see
+    labelled and unlabelled rows together). -> (soft CE on the labelled rows, L2 on the rest)."""
+    b = len(xl)
+    q = guess_labels(net, views, c.T)
+    x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
+    if c.mixup:
+        x, p = mix(x, p, c.alpha)
+    logits = forward(x)
+    return soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
+
+
+def validate(c, ema, net, val_loader, group_names, world, step, losses, w_u):
+    """A validation: (its log record: the EMA model's metrics, the raw model's headline numbers and the mean losses
+    since the last validation; the EMA model's metrics)."""
+    m_ema, m_raw = (evaluate.split_metrics(m, val_loader, c.img_size, group_names, world, c.amp) for m in (ema, net))
+    lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
+    return {"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
+            "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score") if k in m_raw}}, m_ema
+
+
+def load_train_data(c, world, dev):
+    """The train split (images and labels on the device), its labelled and unlabelled indices, and meta.json, once
+    every check of the data against the config has passed."""
+    meta = data.read_meta(c.data_dir, splits=("train", "val", "test"))
+    _, val_groups = data.load_labels(c.data_dir, "val")
+    train_x, train_y, _ = data.load_split(c.data_dir, "train")
+    num_classes = len(meta["classes"])
+    if c.batch_size % world:
+        raise UserError(f"batch_size={c.batch_size} does not split evenly over {world} ranks")
+    if c.select != "accuracy" and not evaluate.has_both_groups(val_groups):
+        raise UserError(f"select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    if len(train_y.unique()) < 2:
+        raise UserError(f"{c.data_dir} has one class in its train split: a classifier needs two")
+    if c.mode != "full" and c.n_labeled < num_classes:
+        raise UserError(f"--n_labeled={c.n_labeled}: at least one labelled image per class ({num_classes} classes)")
+    everything = torch.arange(len(train_y))
+    try:
+        lab = everything if c.mode == "full" else labeled_subset(train_y, c.n_labeled, num_classes, c.seed)
+    except ValueError as e:  # a class with fewer images than its share of n_labeled
+        raise UserError(f"--n_labeled={c.n_labeled}: {e}") from None
+    unlab = everything[~torch.isin(everything, lab)]
+    if c.mode == "mixmatch" and len(unlab) == 0:
+        raise UserError("n_labeled covers the whole train split: nothing left unlabelled for MixMatch")
+    return meta, train_x.to(dev), train_y.to(dev), lab, unlab
+
+
+def build_run(c, num_classes, dev, rank):
+    """The seeded pieces of a run: (model, its EMA copy, optimizer, batch-order generator, augmentation generator)."""
+    torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = build_model(c, num_classes).to(dev)
+    if rank:  # mixup draws: rank 0 goes on with the single-process stream, every other rank gets its own
+        torch.manual_seed(c.seed + 1_000_003 * rank)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    # weight decay is decoupled (after each step, in train) for both optimizers
+    optimizer = sing.SING(net.parameters(), lr=c.lr) if c.opt == "sing" else torch.optim.Adam(net.parameters(), lr=c.lr)
+    gen_idx = torch.Generator().manual_seed(c.seed)  # batch order (CPU), the same global order on every rank
+    gen_aug = torch.Generator(dev).manual_seed(c.seed + 1_000_003 * rank)  # augmentation draws, one stream per rank
+    return net, ema, optimizer, gen_idx, gen_aug
 
 
 def train(cfg):
     """One run into cfg['out_dir']; returns the test metrics of the best (EMA) checkpoint, or None when stop_after
     ended the run early."""
     c = SimpleNamespace(**cfg)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = run.rank_world()
     master = rank == 0
-    dev = configurator.pick_device(c.device)
-    if c.batch_size % world:
-        sys.exit(f"error: batch_size={c.batch_size} does not split evenly over {world} ranks")
+    dev = run.pick_device(c.device)
     b = c.batch_size // world  # this rank's labelled rows (and unlabelled ones, times K)
-    aug_kw = data.AUGMENTS[c.augment]
-    if aug_kw is not None:
-        aug_kw = {**aug_kw, **configurator.parse_kw("augment_kw", c.augment_kw, data.AUGMENT_PARAMS)}
-    try:
-        meta = data.read_meta(c.data_dir)
-        _, val_groups = data.load_labels(c.data_dir, "val")
-        data.load_labels(c.data_dir, "test")  # opens the split: a damaged file is one line now, not after training
-        train_x, train_y, _ = data.load_split(c.data_dir, "train")
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    if c.select != "accuracy" and not evaluate.has_both_groups(val_groups):
-        sys.exit(f"error: select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    aug_kw = data.augment_settings(c.augment, c.augment_kw)
+    meta, train_x, train_y, lab, unlab = load_train_data(c, world, dev)
     num_classes, group_names = len(meta["classes"]), meta.get("groups") or evaluate.GROUP_NAMES
-    if len(train_y.unique()) < 2:
-        sys.exit(f"error: {c.data_dir} has one class in its train split: a classifier needs two")
-    if c.mode != "full" and c.n_labeled < num_classes:
-        sys.exit(f"error: --n_labeled={c.n_labeled}: at least one labelled image per class ({num_classes} classes)")
-    everything = torch.arange(len(train_y))
-    try:
-        lab = everything if c.mode == "full" else labeled_subset(train_y, c.n_labeled, num_classes, c.seed)
-    except ValueError as e:
-        sys.exit(f"error: --n_labeled={c.n_labeled}: {e}")
-    unlab = everything[~torch.isin(everything, lab)]
-    if c.mode == "mixmatch" and len(unlab) == 0:
-        sys.exit("error: n_labeled covers the whole train split: nothing left unlabelled for MixMatch")
-    train_x, train_y = train_x.to(dev), train_y.to(dev)
-    loader_kw = dict(train=False, device=dev, rank=rank, world_size=world)
-    val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, **loader_kw)
+    val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, device=dev, rank=rank,
+                                  world_size=world)
 
-    torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    try:
-        net = build_model(c, num_classes).to(dev)
-    except (OSError, RuntimeError, ValueError) as e:  # weights offline, missing or misshaped: model.py words it
-        sys.exit(f"error: {e}")
-    if rank:  # mixup draws: rank 0 goes on with the single-process stream, every other rank gets its own
-        torch.manual_seed(c.seed + 1_000_003 * rank)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    if c.opt == "sing":
-        optimizer = sing.SING(net.parameters(), lr=c.lr)  # decay is decoupled below, for both optimizers
-    else:
-        optimizer = torch.optim.Adam(net.parameters(), lr=c.lr)
+    net, ema, optimizer, gen_idx, gen_aug = build_run(c, num_classes, dev, rank)
     decayed = decayed_weights(net)
     autocast = torch.autocast(dev.type, torch.bfloat16) if c.amp == "bf16" else nullcontext()
-    gen_idx = torch.Generator().manual_seed(c.seed)  # batch order (CPU), the same global order on every rank
-    gen_aug = torch.Generator(dev).manual_seed(c.seed + 1_000_003 * rank)  # augmentation draws, one stream per rank
     lab_batches, unlab_batches = Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx)
 
-    with model.run_dir(c.out_dir, c.resume, c.force, master):
+    with run.run_dir(c.out_dir, c.resume, c.force, master):
         start, best, best_step, history, losses = 0, -math.inf, 0, [], []
         last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
         configs = [cfg]  # every config this run was started or resumed with, oldest first (kept in last.safetensors)
@@ -322,7 +338,7 @@ def train(cfg):
             configs = state.get("configs", []) + [cfg]
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            model.set_rng_states(state["rng"], gen_aug, dev, rank)
+            run.set_rng_states(state["rng"], gen_aug, dev, rank)
             gen_idx.set_state(state["batch_order"])
             lab_batches.queue, unlab_batches.queue = state["queues"]
             start, best, best_step, history, losses = (state[k] for k in ("step", "best", "best_step", "history",
@@ -339,7 +355,7 @@ def train(cfg):
                      "n_labeled": len(lab), "labeled_indices": lab.tolist() if c.mode != "full" else None}
 
         def save_last(step):  # a collective (the RNG states of every rank): all ranks call it
-            rng = model.rng_states(gen_aug, dev, world)
+            rng = run.rng_states(gen_aug, dev, world)
             if master:
                 state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "rng": rng, "batch_order": gen_idx.get_state(),
@@ -356,24 +372,18 @@ def train(cfg):
         bar = tqdm(range(start + 1, end + 1), desc=f"{c.mode} s{c.seed}", dynamic_ncols=True, disable=not master)
         t0, seen = time.time(), 0
         for step in bar:
-            if model.stop_requested(world, dev):
+            if run.stop_requested(world, dev):
                 bar.close()
                 kept = f"{last_path} holds step {history[-1]['step']}" if history else "nothing was saved yet"
-                sys.exit(f"stopped by a signal at step {step}: {kept}; continue with --resume=true")
+                raise run.Stopped(f"stopped by a signal at step {step}: {kept}; continue with --resume=true")
             net.train()
             idx = next(lab_batches)[mine].to(dev)
             xl = augment(train_x[idx])
             pl = F.one_hot(train_y[idx], num_classes).float()
             with autocast:
                 if c.mode == "mixmatch":
-                    xu = train_x[next(unlab_batches)[mine].to(dev)]
-                    views = [augment(xu) for _ in range(c.K)]
-                    q = guess_labels(net, views, c.T)
-                    x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
-                    if c.mixup:
-                        x, p = mix(x, p, c.alpha)
-                    logits = forward(x)  # one forward over all rows: BN statistics see labelled and unlabelled together
-                    loss_x, loss_u = soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
+                    views = [augment(xu) for xu in [train_x[next(unlab_batches)[mine].to(dev)]] for _ in range(c.K)]
+                    loss_x, loss_u = mixmatch_losses(c, net, forward, xl, pl, views)
                     w_u = c.lambda_u * rampup_weight(step, ramp_steps)
                     loss = loss_x + w_u * loss_u
                 else:
@@ -385,7 +395,7 @@ def train(cfg):
                 pair /= world
             lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
             if not (math.isfinite(lx) and math.isfinite(lu)):
-                sys.exit(f"error: non-finite loss at step {step}; {last_path} holds the last saved state")
+                raise UserError(f"non-finite loss at step {step}; {last_path} holds the last saved state")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients: the global batch's mean loss
             optimizer.step()
@@ -398,22 +408,19 @@ def train(cfg):
 
             evaluating = step % c.eval_every == 0 or step == c.steps
             if evaluating:
-                m_ema, m_raw = (split_metrics(m, val_loader, size, group_names, world, c.amp) for m in (ema, net))
-                lx_mean, lu_mean = (sum(v) / len(losses) for v in zip(*losses))
+                record, metrics = validate(c, ema, net, val_loader, group_names, world, step, losses, w_u)
                 losses = []
-                history.append({"step": step, "loss_x": lx_mean, "loss_u": lu_mean, "w_u": w_u, **m_ema,
-                                "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score")
-                                        if k in m_raw}})
-                score = evaluate.selection_score(m_ema, c.select)
+                history.append(record)
+                score = evaluate.selection_score(record, c.select)
                 improved = score > best
                 if improved:
                     best, best_step = score, step
                 if master:
-                    fair = f" fair {m_ema['fair_score']:.4f}" if "fair_score" in m_ema else ""
-                    tqdm.write(f"step {step}: val acc {m_ema['accuracy']:.4f} (raw {m_raw['accuracy']:.4f}) "
-                               f"f1 {m_ema['f1']:.4f}{fair}{' *' if improved else ''}")
+                    fair = f" fair {record['fair_score']:.4f}" if "fair_score" in record else ""
+                    tqdm.write(f"step {step}: val acc {record['accuracy']:.4f} (raw {record['raw']['accuracy']:.4f})"
+                               f" f1 {record['f1']:.4f}{fair}{' *' if improved else ''}")
                     if improved:
-                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": m_ema})
+                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": metrics})
                     plot(history, os.path.join(c.out_dir, "curves.png"))
             if evaluating or step == end:
                 save_last(step)
@@ -423,22 +430,30 @@ def train(cfg):
                 print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
             return None
 
-        if world > 1:
-            dist.barrier()  # rank 0 wrote best.safetensors
-        best_model, _, _ = model.load_checkpoint(best_path, device=dev)
-        test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, **loader_kw)
-        test = split_metrics(best_model, test_loader, size, group_names, world, c.amp)
-        if master:
-            write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
-            print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
-                  + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
-        return test
+        return test_best(c, history, best_step, group_names, dev)
+
+
+def test_best(c, history, best_step, group_names, dev):
+    """The end of a run: best.safetensors scored on the test split (every rank its shard), the test line appended
+    to log.jsonl. -> the test metrics."""
+    rank, world = run.rank_world()
+    if world > 1:
+        dist.barrier()  # rank 0 wrote best.safetensors
+    best_model, _, _ = model.load_checkpoint(os.path.join(c.out_dir, "best.safetensors"), device=dev)
+    test_loader = data.make_loader(c.data_dir, "test", c.eval_batch_size, train=False, device=dev, rank=rank,
+                                   world_size=world)
+    test = evaluate.split_metrics(best_model, test_loader, c.img_size, group_names, world, c.amp)
+    if rank == 0:
+        write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
+        print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
+              + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
+    return test
 
 
 def write_log(rows, out_dir):
     """log.jsonl rewritten whole from the rows, atomically: a resumed run's log is the uninterrupted run's."""
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    model.write_atomic(os.path.join(out_dir, "log.jsonl"), lambda tmp: Path(tmp).write_text(text))
+    run.write_text(os.path.join(out_dir, "log.jsonl"), text)
 
 
 def plot(history, path):
@@ -461,7 +476,7 @@ def plot(history, path):
     b.set(xlabel="step", title="validation")
     b.legend()
     fig.tight_layout()
-    model.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -476,32 +491,23 @@ def run_table(cfg):
         for row, tag, overrides in TABLE:
             out = os.path.join(cfg["out_dir"], f"{name}_{cfg['n_labeled']}_{tag}_s{s}")
             results[row].append(train({**cfg, **overrides, "seed": s, "out_dir": out, "table": False}))
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if run.rank_world()[0] != 0:
         return
     keys = [k for k in ("accuracy", "f1", "fair_score") if k in results["full"][0]]
     command = " ".join(shlex.quote(f"--{k}={v}") for k, v in cfg.items() if v != DEFAULTS[k])
-    lines = [f"Test metrics of the best-validation EMA checkpoint, mean ± std over seeds "
+    intro = [f"Test metrics of the best-validation EMA checkpoint, mean ± std over seeds "
              f"{', '.join(map(str, range(cfg['table_seeds'])))}; data `{cfg['data_dir']}`, {cfg['n_labeled']} labels "
-             f"(full: every train label), arch `{cfg['arch']}`, {cfg['steps']} steps.",
-             "", f"Command: `python train_mixmatch.py {command}`", "",
-             "| mode | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for row, _, _ in TABLE:
-        cells = []
-        for k in keys:
-            v = torch.tensor([r[k] for r in results[row]], dtype=torch.float64)
-            cells.append(f"{v.mean():.4f} ± {v.std(correction=int(len(v) > 1)):.4f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    model.write_atomic(os.path.join(cfg["out_dir"], "ssl_table.md"), lambda tmp: Path(tmp).write_text(text))
-    print(text)
+             f"(full: every train label), net `{cfg['net']}`, {cfg['steps']} steps.",
+             f"Command: `python train_mixmatch.py {command}`"]
+    rows = [[row, *(run.mean_std([r[k] for r in results[row]]) for k in keys)] for row, _, _ in TABLE]
+    run.write_table(os.path.join(cfg["out_dir"], "ssl_table.md"), intro, ["mode", *keys], rows)
 
 
 def parse_config(argv):
     """This script's config from the command line: DEFAULTS, a PRESETS entry, then --key=value (configurator.py)."""
     cfg = configurator.parse(argv, DEFAULTS, __file__, presets=PRESETS, choices=CHOICES, aliases={"data": "data_dir"})
     # every check that needs no data runs now, before anything is loaded
-    configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)
+    data.augment_settings(cfg["augment"], cfg["augment_kw"])
     need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
     for key in ("lr", "T", "alpha"):
         need(key, lambda v: v > 0, "must be > 0")
@@ -512,27 +518,23 @@ def parse_config(argv):
         need(key, lambda v: v >= 0, "must be >= 0")
     need("rampup", lambda v: 0 <= v <= 1, "a fraction of steps, in [0, 1]")
     need("ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    if cfg["net"] == "wrn50_2":
+        need("pretrained", lambda v: v in ("", "torchvision"), "net=wrn50_2 takes torchvision (its ImageNet weights) "
+             "or nothing (random init); --config=wrn50_2 sets it")
     if cfg["mode"] != "full":
         need("n_labeled", lambda v: v >= 1, "at least one labelled image per class (mode=full uses every label)")
     return cfg
 
 
+@configurator.cli
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    if ddp:
-        cuda = torch.cuda.is_available() and cfg["device"] != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    try:
+    data.keep_freed_memory()  # the CPU augmentation's batch buffers reused, not page-faulted in anew (~1.7x)
+    with run.ddp(cfg["device"]):
         if cfg["table"]:
             run_table(cfg)
         else:
             train(cfg)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

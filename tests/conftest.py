@@ -32,13 +32,18 @@ def weights(path):
     return model.load_checkpoint(str(path))[0].state_dict()
 
 
-def data_fails(argv):
-    """Run data.py's CLI expecting a one-line error; return the line."""
+def error_line(main, argv):
+    """Run a script's main(argv) expecting its one `error:` line (exit status 1, no traceback); return the line."""
     with pytest.raises(SystemExit) as e:
-        data.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
+        main(list(argv))
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def data_fails(argv):
+    """data.py's CLI, expecting its one-line error."""
+    return error_line(data.main, argv)
 
 
 @pytest.fixture(scope="session")

@@ -242,7 +242,7 @@ def test_errors_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch):
     cases = {
         "predicts 3 classes": ["--ckpt", three, "--data", data_dir],
         "not a ViT": ["--ckpt", other, "--data", data_dir],
-        "cannot load": ["--ckpt", str(tmp_path / "missing.safetensors"), "--data", data_dir],
+        "no checkpoint file": ["--ckpt", str(tmp_path / "missing.safetensors"), "--data", data_dir],
         "cannot read any image": ["--ckpt", ckpt, "--images", str(tmp_path / "garbage.jpg")],
         "empty selection": ["--ckpt", ckpt, "--data", data_dir, "--cell", "1,7"],
         "no classifier head": ["--ckpt", backbone, "--data", data_dir, "--show", "errors"],

@@ -1,9 +1,9 @@
-"""Bad input to the data builders (data.py SOURCE ..., sources.py) and to the readers of a built data set: each case
-ends in one `error:` line and a non-zero exit, no traceback, and nothing left behind that looks finished; a build
-killed at any point leaves what the next build of the same out_dir finishes or removes, saying so. Cases run
-in-process through data.main (SystemExit with a one-line message is what the CLI prints on stderr); a few run as real
-processes, to check stderr and to kill a build at a chosen step. Every test runs under a deadline, so none can hang.
-(The training scripts' bad inputs live in test_bad_input.py.)"""
+"""Bad input to the data builders (data.py SOURCE ..., sources.py, beton.py) and to the readers of a built data set:
+each case ends in one `error:` line and a non-zero exit, no traceback, and nothing left behind that looks finished; a
+build killed at any point leaves what the next build of the same out_dir finishes or removes, saying so. Cases run
+in-process through data.main (conftest.data_fails: the SystemExit with the one line the CLI prints on stderr); a few
+run as real processes, to check stderr and to kill a build at a chosen step. Every test runs under a deadline, so none
+can hang. (The training scripts' bad inputs live in test_bad_input.py.)"""
 
 import errno
 import os
@@ -11,12 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import beton
 import data
 import sources
 from conftest import ROOT
@@ -122,7 +122,7 @@ def test_force_rebuild_failing_between_the_moves_keeps_a_whole_data_set(built, t
 
 KILL = """
 import os, shutil, signal, sys
-import data, sources
+import beton, data
 out, at, template = sys.argv[1:]
 name = os.path.basename(out)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -132,7 +132,7 @@ def write_beton(path, split):  # the files are not what is tested here: copy the
         die()
     written.append(path)
     shutil.copyfile(os.path.join(template, os.path.basename(path)), path)
-sources.write_beton = write_beton
+beton.write_beton = write_beton
 real_replace, real_rmtree = os.replace, shutil.rmtree
 def replace(src, dst):  # "swap": killed as the new version is moved into out_dir
     if at == "swap" and dst == out and os.path.basename(src).startswith("." + name + ".") and ".old-" not in src:
@@ -178,15 +178,12 @@ def test_force_rebuild_killed_while_deleting_the_old_version(built, tmp_path, ca
 def test_killed_builds_leave_temporary_folders_the_next_build_removes(built, tmp_path, capsys):
     out = str(tmp_path / "set")
     killed_build(out, "write", built)
-    legacy = tmp_path / ".set.abcd_123.tmp"  # an older data.py's, untouched for two hours
-    legacy.mkdir()
-    os.utime(legacy, (time.time() - 7200,) * 2)
     other = tmp_path / ".settings.build-1-x.tmp"  # another out_dir's: not this build's business
     other.mkdir()
-    assert not os.path.exists(out) and len(hidden(tmp_path)) == 3
+    assert not os.path.exists(out) and len(hidden(tmp_path)) == 2
     shutil.copytree(built, out)
     assert "already exists" in fails([*SMALL, f"--out_dir={out}"])
-    assert "removed 2 temporary folders left by killed builds" in capsys.readouterr().out
+    assert "removed 1 temporary folder left by killed builds" in capsys.readouterr().out
     assert hidden(tmp_path) == [".settings.build-1-x.tmp"]
 
 
@@ -305,10 +302,14 @@ def test_out_dir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
     assert "--force replaces data sets only" in fails([*SMALL, f"--out_dir={tmp_path / 'mine'}", "--force"])
     assert (tmp_path / "mine" / "notes.txt").exists()
 
-    def denied(*a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
+    real_mkdir = os.mkdir
 
-    monkeypatch.setattr(sources.tempfile, "mkdtemp", denied)  # root writes anywhere: a read-only folder, mocked
+    def denied(path, *a, **k):  # the build's temporary folder cannot be made
+        if os.path.basename(path).startswith(".out."):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", denied)  # root writes anywhere: a read-only folder, mocked
     msg = fails([*SMALL, f"--out_dir={tmp_path / 'ro' / 'out'}"])
     assert "cannot write there (Permission denied" in msg
     assert sorted(os.listdir(tmp_path)) == ["file", "mine", "ro"] and os.listdir(tmp_path / "ro") == []
@@ -389,7 +390,7 @@ def test_folder_importer_scales_16_bit_pngs(tmp_path):
 # issue 16: a full disk, fractions, criteria, changed files
 
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
+    monkeypatch.setattr(beton.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1 << 20))
     msg = fails([*SMALL, f"--out_dir={tmp_path / 'o'}"])
     assert "not enough free space in" in msg and "MiB are free" in msg
     assert os.listdir(tmp_path) == []
@@ -449,7 +450,8 @@ def test_changed_beton_is_refused(built, tmp_path, monkeypatch):
     monkeypatch.delenv("DATA_VERIFY")
     open(path, "ab").write(b"\0" * 100)  # appended bytes
     msg = fails(["show", out])
-    assert "train.beton has 4195556 bytes, meta.json records 4195456: it changed after the build" in msg
+    recorded = meta["splits"]["train"]["bytes"]
+    assert f"train.beton has {recorded + 100} bytes, meta.json records {recorded}: it changed after the build" in msg
     with pytest.raises(data.DataFileError, match="changed after the build"):
         data.load_split(out, "train")
     open(path, "wb").write(b"\0" * 64 + original[64:])  # a damaged header, same size
@@ -471,5 +473,5 @@ def test_reading_what_is_not_a_data_set(built, tmp_path):
     assert "meta.json is not readable JSON" in fails(["show", str(out)])
     (out / "meta.json").write_text('{"classes": []}')
     assert "is not a data.py meta.json" in fails(["show", str(out)])
-    with pytest.raises(FileNotFoundError, match="no split 'dev'"):
+    with pytest.raises(data.DataFileError, match="no split 'dev'"):
         data.make_loader(built, "dev", 4, False, "cpu")

@@ -1,9 +1,9 @@
 """configurator.py: the one --key=value convention of every CLI."""
 
 import pytest
-import torch
 
 import configurator
+from conftest import error_line
 
 DEFAULTS = dict(
     data_dir="data/x",  # where the data is
@@ -22,11 +22,8 @@ def parse(*argv, **kw):
 
 
 def error(*argv, **kw):
-    with pytest.raises(SystemExit) as e:
-        parse(*argv, **kw)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
+    """The one error line a script whose main() parses argv prints."""
+    return error_line(configurator.cli(lambda args: parse(*args, **kw)), argv)
 
 
 def test_forms_types_presets_and_aliases():
@@ -48,23 +45,22 @@ def test_errors_name_the_key_the_value_and_what_is_allowed():
     assert error("--config=slow") == "error: unknown preset --config=slow (presets: fast)"
     assert error("epochs=2") == "error: expected --key=value, got 'epochs=2' (see --help)"
     assert error("--lr") == "error: --lr needs a value: --lr=VALUE"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(configurator.UserError, match=r"^--ckpt is required \(see --help\)$"):
         configurator.parse([], {"ckpt": ""}, __file__, required=("ckpt",))
-    assert str(e.value.code) == "error: --ckpt is required (see --help)"
 
 
 def test_parse_kw_casts_to_each_default():
     kw = configurator.parse_kw("augment_kw", "blur_kernel=3, blur_p=0,crop_scale=(0.3,1.0)",
                                {"blur_kernel": 5, "blur_p": 0.5, "crop_scale": (0.5, 1.0)})
     assert kw == {"blur_kernel": 3, "blur_p": 0.0, "crop_scale": (0.3, 1.0)} and type(kw["blur_kernel"]) is int
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(configurator.UserError) as e:
         configurator.parse_kw("augment_kw", "nope=1", {"blur_p": 0.5})
-    assert str(e.value.code) == "error: --augment_kw: 'nope=1' is not name=value with name one of: blur_p"
+    assert str(e.value) == "--augment_kw: 'nope=1' is not name=value with name one of: blur_p"
 
 
 def test_help_lists_every_key_with_its_default_and_comment(capsys):
     with pytest.raises(SystemExit) as e:
-        parse("--lr=2", "--help")
+        configurator.cli(lambda: parse("--lr=2", "--help"))()
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("configurator.py: the one --key=value convention of every CLI.")
@@ -72,10 +68,25 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
     assert "peak learning rate" in out and "--crop=0.5,1.0" in out and "--config=fast" in out
 
 
-def test_pick_device():
-    assert configurator.pick_device("cpu").type == "cpu"
-    assert configurator.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit) as e:
-            configurator.pick_device("cuda")
-        assert str(e.value.code).startswith("error: --device=cuda but torch sees no CUDA device")
+def test_help_reads_comments_as_python_tokens(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text('"""doc"""\n'
+                      'title = "# not a comment"\n'
+                      'lr = 0.1  # the peak rate\n'
+                      'BLOCK = dict(\n'
+                      '    size=80,  # pixels\n'
+                      ')\n'
+                      'def f():\n'
+                      '    lr = 2  # a local, not the key\n')
+    assert configurator.config_comments(str(script)) == {"lr": "the peak rate", "size": "pixels"}
+
+
+def test_cli_turns_user_errors_into_one_line_and_keeps_bugs_loud():
+    def main(argv):
+        if argv == ["user"]:
+            raise configurator.UserError("--x=1: must be 2")
+        raise KeyError("a bug")
+
+    assert error_line(configurator.cli(main), ["user"]) == "error: --x=1: must be 2"
+    with pytest.raises(KeyError):  # not bad input: the traceback stays
+        configurator.cli(main)(["bug"])

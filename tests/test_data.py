@@ -1,7 +1,7 @@
-"""data.py and sources.py: building (synthetic, challenge, folder, aaf, adience, celeba), the command line, the .beton
-round trip, both loader backends, the batched augmentation, `data.py show` and the error paths. Most tests read the
-session's tiny synthetic set (conftest's tiny_data); the importers build their own from files they write. FFCV's JIT
-costs seconds per process, so only two FFCV loaders are made."""
+"""data.py, sources.py, faces.py and beton.py: building (synthetic, challenge, folder, aaf, adience, celeba), the
+command line, the .beton round trip, both loader backends, the batched augmentation, `data.py show` and the error
+paths. Most tests read the session's tiny synthetic set (conftest's tiny_data); the importers build their own from
+files they write. FFCV's JIT costs seconds per process, so only two FFCV loaders are made."""
 
 import io
 import os
@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+import beton
 import data
+import faces
 import sources
 from conftest import AUGMENT_OFF as OFF
 from conftest import ROOT
@@ -70,7 +72,7 @@ def test_synthetic_hits_cells_and_follows_the_rule(tiny_data):
 
 def test_synthetic_label_noise_and_xor_cases():
     rng = np.random.default_rng(0)
-    attrs = sources.synth_attributes(20000, rng, both=0.25)
+    attrs = faces.synth_attributes(20000, rng, sources.CHALLENGE_CELLS, sources.SYNTHETIC["glasses_share"], both=0.25)
     blond, glasses = attrs[:, 0].astype(bool), attrs[:, 1].astype(bool)
     negatives = ~(blond ^ glasses)
     assert abs((blond & glasses)[negatives].mean() - 0.25) < 0.02  # the cell that tells XOR from OR is populated
@@ -524,7 +526,7 @@ def test_error_paths_leave_nothing(tmp_path, monkeypatch):
     def crash(path, split):  # a build killed while writing leaves no output and no temporary folder
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sources, "write_beton", crash)
+    monkeypatch.setattr(beton, "write_beton", crash)
     with pytest.raises(KeyboardInterrupt):
         data.main(["synthetic", "--n=30", out])
     assert sorted(os.listdir(tmp_path)) == ["ch", "empty"]
@@ -533,8 +535,10 @@ def test_error_paths_leave_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_help_lists_sources_and_keys(tmp_path, capsys):
-    for argv, wanted in ((["--help"], list(sources.SOURCES) + ["show"]),
-                         (["synthetic", "--help"], ["--glasses_share=0.3", "--out_dir=", "(also --out)", "--target"]),
+    data.main(["--help"])  # the overview: data.py's and sources.py's docstrings
+    text = capsys.readouterr().out
+    assert all(w in text for w in [*sources.SOURCES, "show"]), text
+    for argv, wanted in ((["synthetic", "--help"], ["--glasses_share=0.3", "--out_dir=", "(also --out)", "--target"]),
                          (["adience", "--help"], ["Adience", "--val_fold=3", "--test_fold=4"]),
                          (["show", "--help"], ["--n_per_cell=4", "--augment_kw="])):
         with pytest.raises(SystemExit) as e:
@@ -546,45 +550,36 @@ def test_cli_help_lists_sources_and_keys(tmp_path, capsys):
     r = subprocess.run([sys.executable, "data.py", "aaf", f"--root={tmp_path / 'nope'}", "--out",
                         str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    with pytest.raises(data.DataFileError, match="meta.json"):
         data.read_meta(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # augmentation: the fast paths (an op is computed only where it was drawn) against plain references
 
-def _augment_draws(gen, B):
-    """augment()'s draws in their order: -> (colour coins, brightness, saturation, blur coins, sigma indices), all
-    uniform in [0, 1) but the indices. Replaying them here checks that the order is the documented one (crop box, crop
-    coin, corner, flip, rotation coin, angle, erase box, erase coin, corner, colour coin, factors, blur coin, sigma)."""
-    r = lambda *lead: torch.rand(*lead, B, generator=gen)
-    for lead in [(10,), (10,)] + [()] * 6 + [(10,), (10,)] + [()] * 3:
-        r(*lead)
-    return r(), r(), r(), r(), (r() * 10).long().clamp(max=9)
+def drawn_or_untouched(out, ref, plain):
+    """Each sample of an augmentation run with one op at p = 0.5 and its parameters fixed: either the op's reference
+    (drawn) or the plain prepared image, bit for bit (untouched). -> the drawn mask."""
+    drawn = ~(out == plain).flatten(1).all(1)
+    assert torch.allclose(out[drawn], ref[drawn], atol=1e-4)
+    return drawn
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 7])
 def test_blur_of_the_drawn_samples_equals_a_plain_2d_convolution(batch, kernel):
     x = batch[:12]
     B, C, H, W = x.shape
-    sigma = (0.5, 2.0)
+    sigma = 1.5  # one sigma (blur_sigma=(s, s)): the reference needs no replay of the draws
     out = data.augment(x, W, torch.Generator().manual_seed(9),
-                       **{**OFF, "blur_p": 0.5, "blur_kernel": kernel, "blur_sigma": sigma})
-    *_, coins, which = _augment_draws(torch.Generator().manual_seed(9), B)
-    drawn = coins < 0.5
-    assert 0 < drawn.sum() < B
-    ref = x.double()
+                       **{**OFF, "blur_p": 0.5, "blur_kernel": kernel, "blur_sigma": (sigma, sigma)})
     taps = torch.arange(kernel) - kernel // 2
-    for i in drawn.nonzero().flatten().tolist():
-        k = torch.exp(-0.5 * (taps / torch.linspace(*sigma, 10)[which[i]].double()) ** 2)
-        k2 = (k[:, None] * k[None]) / k.sum() ** 2  # the separable kernel as one 2-D kernel, zero padding
-        ref[i] = torch.nn.functional.conv2d(ref[i:i + 1], k2.expand(C, 1, kernel, kernel), padding=kernel // 2,
-                                            groups=C)[0]
+    k = torch.exp(-0.5 * (taps / sigma) ** 2).double()
+    k2 = (k[:, None] * k[None]) / k.sum() ** 2  # the separable kernel as one 2-D kernel, zero padding
+    ref = torch.nn.functional.conv2d(x.double(), k2.expand(C, 1, kernel, kernel), padding=kernel // 2, groups=C)
     mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) * 255 for v in (data.IMAGENET_MEAN,
                                                                                      data.IMAGENET_STD))
-    ref = ((ref - mean) / std).float()
-    assert torch.allclose(out, ref, atol=1e-4)
-    assert torch.equal(out[~drawn], data.prepare(x[~drawn], W))  # the others untouched, bit for bit
+    drawn = drawn_or_untouched(out, ((ref - mean) / std).float(), data.prepare(x, W))
+    assert kernel == 1 or 0 < drawn.sum() < B  # a 1-tap kernel changes nothing: drawn and untouched look alike
 
 
 def test_per_sample_and_batched_ways_agree(batch, monkeypatch):
@@ -624,16 +619,14 @@ def test_augment_checks_the_kernel_and_ignores_autocast(batch):
 
 def test_colour_jitter_of_the_drawn_samples_equals_the_formula(batch):
     x = batch[:16]
-    out = data.augment(x, x.shape[-1], torch.Generator().manual_seed(13), **{**OFF, "color_p": 0.5})
-    coins, b, s, *_ = _augment_draws(torch.Generator().manual_seed(13), len(x))
-    drawn = coins < 0.5
-    assert 0 < drawn.sum() < len(x)
-    b, s = (1 + 0.5 * v.double().view(-1, 1, 1, 1) for v in (b, s))  # the defaults: both factors in (1.0, 1.5)
+    b, s = 1.3, 1.2  # fixed factors (brightness=(b, b), saturation=(s, s)): no replay of the draws needed
+    out = data.augment(x, x.shape[-1], torch.Generator().manual_seed(13),
+                       **{**OFF, "color_p": 0.5, "brightness": (b, b), "saturation": (s, s)})
     px = x.double()
     grey = sum(w * px[:, c:c + 1] for c, w in enumerate(data.GREY))
     ref = data.prepare((s * b * px + (1 - s) * grey).clamp(0, 255).float(), x.shape[-1])
-    assert torch.allclose(out[drawn], ref[drawn], atol=1e-4)
-    assert torch.equal(out[~drawn], data.prepare(x[~drawn], x.shape[-1]))  # the others untouched, bit for bit
+    drawn = drawn_or_untouched(out, ref, data.prepare(x, x.shape[-1]))
+    assert 0 < drawn.sum() < len(x)
 
 
 def test_keep_freed_memory_sets_glibc_malloc_or_does_nothing():

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import configurator
 import data
 import evaluate
 import model
@@ -170,13 +169,13 @@ def test_batches_continue_exactly_from_generator_state_and_queue():
 
 def test_config_preset_then_overrides():
     cfg = tm.parse_config(["--lr=0.5", "--config=cpu_small", "--mixup=false", "--data=d", "--resume"])
-    assert cfg["arch"] == "small" and cfg["lr"] == 0.5 and cfg["mixup"] is False  # explicit value beats the preset
+    assert cfg["net"] == "small" and cfg["pretrained"] == ""
+    assert cfg["lr"] == 0.5 and cfg["mixup"] is False  # explicit value beats the preset
     assert cfg["data_dir"] == "d" and cfg["resume"] is True
     default = tm.parse_config([])
     assert default["select"] == "accuracy" and default["device"] == "auto" and default["augment"] == "weak"
     # cpu_small's augmentation is the list its README numbers were measured with: crop (64-100% area) + flip
-    overrides = configurator.parse_kw("augment_kw", cfg["augment_kw"], data.AUGMENT_PARAMS)
-    kw = {**data.AUGMENTS[cfg["augment"]], **overrides}
+    kw = data.augment_settings(cfg["augment"], cfg["augment_kw"])
     assert kw == dict(crop_scale=(0.64, 1.0), rotate_p=0.0, erase_p=0.0, color_p=0.0, blur_p=0.0)
 
 
@@ -184,7 +183,10 @@ def test_config_preset_then_overrides():
     ("--nope=1", "error: unknown key --nope (see --help)"),
     ("--steps=ten", "error: --steps=ten is not an int (default 4096)"),
     ("--mode=semi", "error: --mode=semi is not one of: mixmatch, supervised, full"),
-    ("--arch=resnet", "error: --arch=resnet is not one of: vit, wrn50_2, small"),
+    ("--net=resnet", "error: --net=resnet is not one of: vit, wrn50_2, small"),
+    ("--arch=resnet", "error: --arch=resnet is not one of: vit_small_patch8, vit_tiny"),  # train_vit.py's meaning
+    ("--net=wrn50_2", "error: --pretrained=facebook/dino-vits8: net=wrn50_2 takes torchvision (its ImageNet "
+                      "weights) or nothing (random init); --config=wrn50_2 sets it"),
     ("--select=best", "error: --select=best is not one of: " + ", ".join(evaluate.SELECT)),
     ("--config=nope", "error: unknown preset --config=nope (presets: cpu_small, wrn50_2)"),
     ("--augment_kw=blur_kernel=3.5", "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"),
@@ -199,7 +201,7 @@ def test_data_errors_are_one_line_before_training(tiny_data, tmp_path):
     assert message.startswith("error: --n_labeled=100000: class 0 has ") and message.endswith(
         "train images, fewer than the 50000 labelled ones asked")
     assert error_of([f"--data={tiny_data}", "--n_labeled=20", "--device=cpu", f"--out_dir={tmp_path}",
-                     "--vit_src=/nonexistent/model.safetensors"]) == \
+                     "--pretrained=/nonexistent/model.safetensors"]) == \
         "error: /nonexistent/model.safetensors: no such file or folder"
     assert not os.listdir(tmp_path)  # nothing was written
 
@@ -243,7 +245,7 @@ def test_wrn_offline_gives_one_clear_line(monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(torchvision.models, "wide_resnet50_2", offline)
-    with pytest.raises(RuntimeError, match="pretrained=False"):
+    with pytest.raises(model.UserError, match="--pretrained= "):
         model.WideResNet50(pretrained=True)
 
 
@@ -323,7 +325,7 @@ def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
     statistics differ from the global batch's); SING, whose per-tensor normalisation keeps float-order differences
     at rounding size (Adam's first steps divide each gradient entry by its own size, so near-zero entries that round
     differently move by up to lr)."""
-    args = [f"--data={tiny_data}", "--arch=vit", "--pretrained=false", "--vit_preset=vit_tiny", "--img_size=32",
+    args = [f"--data={tiny_data}", "--net=vit", "--pretrained=", "--arch=vit_tiny", "--img_size=32",
             "--augment=none", "--mixup=false", "--opt=sing", "--lr=1e-3", "--n_labeled=20", "--steps=4",
             "--eval_every=2", "--batch_size=16", "--device=cpu", "--amp=none"]
     tm.main([*args, f"--out_dir={tmp_path / 'one'}"])

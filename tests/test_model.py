@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 import model
+from configurator import UserError
 from model import PRESETS, ViT, ViTConfig, load_checkpoint, load_pretrained, resize_pos_embed, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +248,7 @@ def test_hub_falls_back_to_bin_with_weights_only(monkeypatch, hf, tmp_path):
                                    huggingface_hub.errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1")])
 def test_hub_unreachable_gives_one_clear_line(monkeypatch, error):
     calls = fake_hub(monkeypatch, {}, raise_offline=error)
-    with pytest.raises(ConnectionError) as info:
+    with pytest.raises(UserError) as info:
         load_pretrained()
     msg = str(info.value)
     assert "\n" not in msg and "unreachable" in msg and "load_pretrained('/path/to/model.safetensors')" in msg
@@ -261,7 +262,8 @@ def test_offline_for_real_in_a_fresh_process(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("ConnectionError: the Hugging Face Hub is unreachable") and "load_pretrained('/" in last
+    assert last.startswith("configurator.UserError: the Hugging Face Hub is unreachable")
+    assert "load_pretrained('/" in last
 
 
 def test_local_bin_nested_and_prefixed_loads_but_pickled_objects_are_refused(tm, tmp_path):
@@ -272,7 +274,7 @@ def test_local_bin_nested_and_prefixed_loads_but_pickled_objects_are_refused(tm,
     with torch.no_grad():
         assert_close(ours.forward_features(images(224, 224)), ref.forward_features(images(224, 224))[:, 0])
     torch.save({"args": argparse.Namespace(arch="vit_small"), **sd}, tmp_path / "full.pth")  # DINO full checkpoint
-    with pytest.raises(ValueError, match="full.pth: holds Python objects other than tensors"):
+    with pytest.raises(UserError, match="full.pth: holds Python objects other than tensors"):
         load_pretrained(tmp_path / "full.pth")
 
 
@@ -280,7 +282,7 @@ def test_head_count_is_never_guessed(tmp_path):
     # a 4-head width-128 model: dim // 64 would say 2 heads and give other outputs without any error
     net = randomise_(ViT(ViTConfig(img_size=32, dim=128, depth=1, heads=4)))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "w.safetensors")
-    with pytest.raises(ValueError, match="cannot tell its number of attention heads .* pass heads=N"):
+    with pytest.raises(UserError, match="cannot tell its number of attention heads .* pass heads=N"):
         load_pretrained(tmp_path / "w.safetensors")
     loaded = load_pretrained(tmp_path / "w.safetensors", heads=4).eval()
     with torch.no_grad():
@@ -296,15 +298,15 @@ def test_bad_keys_are_named(tm, tmp_path):
     sd["blocks.0.extra.weight"] = torch.zeros(3)
     sd["norm.weight"] = torch.ones(383)
     save_file(sd, tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UserError) as info:
         load_pretrained(tmp_path / "bad.safetensors")
     msg = str(info.value)
     assert "missing keys: blocks.1.norm1.bias" in msg and "unexpected keys: blocks.0.extra.weight" in msg
     assert "misshaped keys (file vs model): norm.weight (383,) vs (384,)" in msg
     save_file({"foo": torch.zeros(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="not a ViT checkpoint"):
+    with pytest.raises(UserError, match="not a ViT checkpoint"):
         load_pretrained(tmp_path / "other.safetensors")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="nothing.safetensors: no such file or folder"):
         load_pretrained(tmp_path / "nothing.safetensors")
 
 
@@ -372,7 +374,7 @@ def test_checkpoint_rejects_foreign_files(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "alien.safetensors", metadata={"arch": "alien", "model_config": "{}"})
     for name, match in [("plain", "not a checkpoint of ours"), ("text", "not a checkpoint of ours"),
                         ("alien", "unknown arch 'alien'")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(UserError, match=match):
             load_checkpoint(tmp_path / f"{name}.safetensors")
 
 

@@ -65,7 +65,7 @@ def test_recipe_end_to_end(dino_file, recipe_data, tmp_path, capsys):
 
 
 def test_mixmatch_with_the_vit_backbone(dino_file, recipe_data, tmp_path):
-    train_mixmatch.main([f"--vit_src={dino_file}", f"--data={recipe_data}", f"--out_dir={tmp_path}",
+    train_mixmatch.main([f"--pretrained={dino_file}", f"--data={recipe_data}", f"--out_dir={tmp_path}",
                          "--n_labeled=2", "--steps=2", "--eval_every=2", "--batch_size=2", "--img_size=80",
                          "--eval_batch_size=8", "--device=cpu"])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

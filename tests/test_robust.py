@@ -1,5 +1,6 @@
-"""train_vit.py's debiasing methods (issue 14), each on a constructed case: Group DRO's weights, inverse-frequency
-reweighting, subsampling, JTT's error set, DFR's head; Group DRO's resume; the side-by-side table."""
+"""The debiasing methods, each on a constructed case: train_vit.py's Group DRO weights, inverse-frequency
+reweighting, subsampling and upsampling; robust.py's JTT error set, DFR head and side-by-side table; Group DRO's
+resume."""
 
 import json
 import math
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 import data
 import evaluate
 import model
+import robust
 import train_vit
-from conftest import VIT_TINY, read_log, run_vit, weights
+from conftest import VIT_TINY, error_line, read_log, run_vit, weights
 
 TINY = [*VIT_TINY, "--loss=ce"]
 
@@ -23,7 +25,7 @@ def run(tiny_data, out_dir, *args):
 
 
 def config(**kw):
-    return train_vit.SimpleNamespace(**{"train_groups": "", "sampler": "random", "seed": 0, "jtt_up": 1, **kw})
+    return train_vit.SimpleNamespace(**{"train_groups": "", "sampler": "random", "seed": 0, **kw})
 
 
 # cells (label, group) label-major: 6 x (0, 0), 2 x (0, 1), 3 x (1, 0), 1 x (1, 1)
@@ -145,30 +147,44 @@ def test_subsample_run_draws_each_epoch_and_resumes_exactly(tiny_data, tmp_path,
 def test_config_of_the_methods():
     cfg = train_vit.parse_config(["--group_weights=inverse", "--sampler=subsample"])
     assert cfg["group_weights"] == "inverse" and cfg["sampler"] == "subsample"
-    robust, gpu = train_vit.parse_config(["--config=robust"]), train_vit.parse_config(["--config=robust_gpu"])
-    assert (robust["select"], robust["init"], robust["data_dir"]) == ("worst_group", "scratch", "data/robust")
+    cpu, gpu = robust.parse_config(["--config=robust"]), robust.parse_config(["--config=robust_gpu"])
+    assert (cpu["select"], cpu["init"], cpu["data_dir"]) == ("worst_group", "scratch", "data/robust")
     assert (gpu["select"], gpu["init"], gpu["img_size"], gpu["loss"]) == ("worst_group", "dino", 80, "ce")
-    for args, message in [(["--group_weights=inverted"], "--group_weights=inverted needs 4 comma-separated values"),
-                          (["--loss=group_dro", "--group_weights=inverse"], "loss=group_dro weighs the cells itself"),
-                          (["--jtt_epochs=1", "--sampler=balanced"], "upsamples its error set itself"),
-                          (["--dro_step=-1"], "--dro_step=-1.0: must be >= 0"),
-                          (["--jtt_up=0"], "--jtt_up=0: must be >= 1"),
-                          (["--table=big"], "--table=big is not one of: , robust")]:
-        with pytest.raises(SystemExit) as e:
-            train_vit.parse_config(args)
-        assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+    for main, args, message in [
+            (train_vit.main, ["--group_weights=inverted"], "--group_weights=inverted needs 4 comma-separated values"),
+            (train_vit.main, ["--loss=group_dro", "--group_weights=inverse"], "loss=group_dro weighs the cells itself"),
+            (train_vit.main, ["--dro_step=-1"], "--dro_step=-1.0: must be >= 0"),
+            (train_vit.main, ["--jtt_epochs=1"], "unknown key --jtt_epochs"),  # robust.py's, not the recipe's
+            (robust.main, ["--jtt_epochs=1", "--sampler=balanced"], "upsamples its error set itself"),
+            (robust.main, ["--jtt_up=0"], "--jtt_up=0: must be >= 1"),
+            (robust.main, ["--table=big"], "--table=big is not one of: , robust")]:
+        assert message in error_line(main, args)
+    assert "--loss=" in robust.configurator.help_text(robust.DEFAULTS, (robust.__file__, train_vit.__file__), {}, {},
+                                                       {}).split("--dfr=")[0]  # the recipe's keys, with their help
 
 
 # -----------------------------------------------------------------------------
 # JTT (Liu et al. 2021)
 
-def test_jtt_upsamples_exactly_the_errors():
+def test_upsample_repeats_exactly_the_listed_samples(tmp_path):
     errors = torch.tensor([3, 10, 11])
-    idx = train_vit.train_indices(config(jtt_up=5), LABELS, GROUPS, errors=errors)
+    idx = train_vit.train_indices(config(), LABELS, GROUPS, upsample=(errors, 5))
     counts = torch.bincount(idx, minlength=12)
     assert counts[errors].tolist() == [5, 5, 5] and (counts[[i for i in range(12) if i not in (3, 10, 11)]] == 1).all()
-    women = train_vit.train_indices(config(jtt_up=5, train_groups="0"), LABELS, GROUPS, errors=errors)
+    women = train_vit.train_indices(config(train_groups="0"), LABELS, GROUPS, upsample=(errors, 5))
     assert torch.bincount(women, minlength=12)[errors].tolist() == [5, 5, 0]  # 11 is a man: out of the run
+    path = tmp_path / "up.json"
+    path.write_text(json.dumps({"indices": [3, 10, 11], "times": 5}))
+    read = train_vit.read_upsample(str(path), 12)
+    assert read[0].tolist() == [3, 10, 11] and read[1] == 5
+    for text, message in [("{", "not a readable JSON file"), ('{"indices": [3]}', "'times'"),
+                          ('{"indices": [12], "times": 2}', "every index in 0..11"),
+                          ('{"indices": [1], "times": 0}', "times must be >= 1")]:
+        path.write_text(text)
+        with pytest.raises(train_vit.UserError, match=message):
+            train_vit.read_upsample(str(path), 12)
+    with pytest.raises(train_vit.UserError, match="not a readable JSON file"):
+        train_vit.read_upsample(str(tmp_path / "missing.json"), 12)
 
 
 def test_jtt_error_set_is_the_misclassified_train_samples(tiny_data, tmp_path, monkeypatch):
@@ -180,21 +196,30 @@ def test_jtt_error_set_is_the_misclassified_train_samples(tiny_data, tmp_path, m
         return real(data_dir, split, *args, **kwargs)
 
     monkeypatch.setattr(data, "make_loader", spy)
-    run(tiny_data, tmp_path, "--jtt_epochs=1", "--jtt_up=4", "--epochs=1")
+    robust.main([*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--jtt_epochs=1", "--jtt_up=4", "--epochs=1"])
     saved = json.loads((tmp_path / "jtt_errors.json").read_text())
     # recompute independently: the identification run's last checkpoint on the unaugmented train images
     net, meta, _ = model.load_checkpoint(str(tmp_path / "jtt_id" / "last.safetensors"))
-    assert meta["epoch"] == 1 and meta["config"]["jtt_epochs"] == 0
+    assert meta["epoch"] == 1 and meta["config"]["upsample"] == ""
     x, y, g = data.load_split(tiny_data, "train")
     with torch.no_grad():
         pred = net.eval()(data.prepare(x, 32)).argmax(1)
-    assert saved["errors"] == torch.nonzero(pred != y).flatten().tolist() and saved["n_errors"] > 0
+    assert saved["indices"] == torch.nonzero(pred != y).flatten().tolist() and saved["n_errors"] > 0
     assert saved["n_train"] == len(y) and sum(saved["errors_per_cell"].values()) == saved["n_errors"]
+    assert saved["times"] == 4
     # the identification run read the split as it is; the final run every sample once and each error 4 times
     assert len(train_sets) == 2 and train_sets[0] is None
     counts = torch.bincount(train_sets[1], minlength=len(y))
-    assert counts[saved["errors"]].eq(4).all() and counts.sum() == len(y) + 3 * saved["n_errors"]
+    assert counts[saved["indices"]].eq(4).all() and counts.sum() == len(y) + 3 * saved["n_errors"]
     assert len(read_log(tmp_path)) == 1 and len(read_log(tmp_path / "jtt_id")) == 1
+    _, final, _ = model.load_checkpoint(str(tmp_path / "last.safetensors"))
+    assert final["config"]["upsample"] == str(tmp_path / "jtt_errors.json")  # stage 2 is a plain recipe run
+
+
+def test_jtt_refuses_an_earlier_run_before_its_first_stage(tiny_data, tmp_path):
+    run(tiny_data, tmp_path)
+    message = error_line(robust.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--jtt_epochs=1"])
+    assert "holds an earlier run" in message and not (tmp_path / "jtt_id").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -206,10 +231,16 @@ def test_fit_head_matches_sklearn_logistic_regression():
     x = torch.randn(200, 5, generator=gen)
     y = ((x @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0]) + 0.8 * torch.randn(200, generator=gen)) > 0).long()
     C = 0.5
-    W, b = train_vit.fit_head(x, y, l2=1 / (C * len(y)))  # sklearn: |w|^2 / 2 + C * summed loss
+    W, b = robust.fit_head(x, y, l2=1 / (C * len(y)))  # sklearn: |w|^2 / 2 + C * summed loss
     ref = linear_model.LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
     assert torch.allclose(W[1] - W[0], torch.tensor(ref.coef_[0]).double(), atol=1e-4)
     assert (b[1] - b[0]).item() == pytest.approx(ref.intercept_[0], abs=1e-4)
+
+
+def scored_on_test(run_dir, data_dir):
+    """train_vit.py's test metrics of a run's best.safetensors (what the sweep and the table report)."""
+    c = train_vit.SimpleNamespace(data_dir=data_dir, eval_batch_size=64)
+    return train_vit.metrics_on_test(str(run_dir), c, torch.device("cpu"))
 
 
 def spurious_features(n, p_majority, gen):
@@ -229,11 +260,11 @@ def test_dfr_head_fits_balanced_cells_and_fixes_the_worst_cell():
                                                       test[2]).values())
     # a head fitted on all of val (its cells as skewed as the train set's) leans on the group feature
     z = (val[0] - val[0].mean(0)) / val[0].std(0)
-    W_all, b_all = train_vit.fit_head(z, val[1], l2=1e-3)
+    W_all, b_all = robust.fit_head(z, val[1], l2=1e-3)
     W_all, b_all = W_all / val[0].std(0).double(), b_all - (W_all / val[0].std(0).double()) @ val[0].mean(0).double()
-    W, b, info = train_vit.dfr_head(*val, seed=0)
+    W, b, info = robust.dfr_head(*val, seed=0)
     smallest = min(torch.bincount(2 * val[1] + val[2], minlength=4)).item()
-    assert info["n_fit"] == 4 * smallest and info["l2"] in train_vit.DFR_L2 and info["fits"] == train_vit.DFR_FITS
+    assert info["n_fit"] == 4 * smallest and info["l2"] in robust.DFR_L2 and info["fits"] == robust.DFR_FITS
     assert worst(W_all, b_all) < 0.5 < 0.7 < worst(W, b)
     assert abs(W[1, 0] - W[0, 0]) * 3 > abs(W[1, 1] - W[0, 1]) * 0.3  # the core feature carries weight
 
@@ -241,29 +272,29 @@ def test_dfr_head_fits_balanced_cells_and_fixes_the_worst_cell():
 def test_dfr_refits_only_the_head(tiny_data, tmp_path):
     run(tiny_data, tmp_path / "erm")
     base = tmp_path / "erm" / "last.safetensors"
-    test = train_vit.run_dfr({**train_vit.parse_config([*TINY, f"--data={tiny_data}"]), "dfr": str(base),
-                              "out_dir": str(tmp_path / "dfr")})
+    test = robust.run_dfr({**robust.parse_config([*TINY, f"--data={tiny_data}"]), "dfr": str(base),
+                           "out_dir": str(tmp_path / "dfr")})
     before, after = weights(base), weights(tmp_path / "dfr" / "best.safetensors")
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["head.weight", "head.bias"]
     _, meta, state = model.load_checkpoint(str(tmp_path / "dfr" / "best.safetensors"))
     assert meta["dfr"]["from"] == str(base) and state is None and meta["data"]["path"] == tiny_data
     # the saved checkpoint scores on test what run_dfr reported (float32 head vs the float64 fit)
-    rescored = train_vit.test_metrics(str(tmp_path / "dfr"), tiny_data, 64, torch.device("cpu"))
+    rescored = scored_on_test(tmp_path / "dfr", tiny_data)
     assert rescored["accuracy"] == pytest.approx(test["accuracy"], abs=1 / 40)
     log = read_log(tmp_path / "dfr")
-    assert len(log) == 1 and log[0]["test"]["accuracy"] == test["accuracy"] and log[0]["l2"] in train_vit.DFR_L2
-    with pytest.raises(SystemExit) as e:  # a second DFR into the same folder: refused, as any run
-        train_vit.main([*TINY, f"--data={tiny_data}", f"--dfr={base}", f"--out_dir={tmp_path / 'dfr'}"])
-    assert "holds an earlier run" in str(e.value.code)
+    assert len(log) == 1 and log[0]["test"]["accuracy"] == test["accuracy"] and log[0]["l2"] in robust.DFR_L2
+    # a second DFR into the same folder: refused, as any run
+    message = error_line(robust.main, [*TINY, f"--data={tiny_data}", f"--dfr={base}", f"--out_dir={tmp_path / 'dfr'}"])
+    assert "holds an earlier run" in message
 
 
 # -----------------------------------------------------------------------------
 # the table
 
 def test_robust_table_runs_every_row_and_writes_mean_and_std(tiny_data, tmp_path, monkeypatch):
-    rows = [r for r in train_vit.TABLE if r[1] in ("erm", "dfr")]
-    monkeypatch.setattr(train_vit, "TABLE", tuple(rows))
-    train_vit.main([*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--table=robust", "--table_seeds=2",
+    rows = [r for r in robust.TABLE if r[1] in ("erm", "dfr")]
+    monkeypatch.setattr(robust, "TABLE", tuple(rows))
+    robust.main([*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--table=robust", "--table_seeds=2",
                     "--epochs=1", "--select=worst_group"])
     assert sorted(os.listdir(tmp_path)) == ["dfr_s0", "dfr_s1", "erm_s0", "erm_s1", "robust_table.md"]
     table = (tmp_path / "robust_table.md").read_text()
@@ -272,6 +303,6 @@ def test_robust_table_runs_every_row_and_writes_mean_and_std(tiny_data, tmp_path
     for row, _, _ in rows:
         line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
         assert line.count("±") == 4
-    erm = [train_vit.test_metrics(str(tmp_path / f"erm_s{s}"), tiny_data, 64, torch.device("cpu")) for s in (0, 1)]
+    erm = [scored_on_test(tmp_path / f"erm_s{s}", tiny_data) for s in (0, 1)]
     mean = sum(m["worst_group_accuracy"] for m in erm) / 2
     assert f"| ERM | {mean:.4f} ± " in table

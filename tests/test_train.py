@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import model
+import run
 import train_vit
-from conftest import ROOT, read_log, weights
+from conftest import ROOT, error_line, read_log, run_vit, weights
 from conftest import VIT_TINY as TINY
-from conftest import run_vit as run
 
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "ref")
-    run(tiny_data, out)
+    run_vit(tiny_data, out)
     return out
 
 
@@ -30,7 +30,6 @@ def test_config_overrides_presets_and_types():
     assert cfg["lr"] == 0.1 and cfg["epochs"] == 3 and cfg["resume"] is True and cfg["data_dir"] == "d"
     assert cfg["init"] == "scratch" and cfg["img_size"] == 80  # from the demo preset, whatever the argument order
     assert train_vit.parse_config([])["opt"] == "sing"
-    assert train_vit.parse_config(["--config=seed_recipe"]) == train_vit.parse_config(["--config=recipe"])
     recipe = train_vit.parse_config(["--config=recipe"])
     assert (recipe["init"], recipe["img_size"], recipe["lr"], recipe["weight_decay"], recipe["batch_size"],
             recipe["epochs"], recipe["warmup"], recipe["loss"], recipe["smoothing"]) == \
@@ -50,9 +49,7 @@ def test_config_overrides_presets_and_types():
     ("epochs=2", "expected --key=value"),
 ])
 def test_config_errors(arg, message):
-    with pytest.raises(SystemExit) as e:
-        train_vit.parse_config([arg])
-    assert message in str(e.value.code) and str(e.value.code).startswith("error: ")
+    assert message in error_line(train_vit.main, [arg])
 
 
 # -----------------------------------------------------------------------------
@@ -72,17 +69,19 @@ def test_schedule_matches_transformers_cosine_with_warmup():
 
 
 def test_bce_smooth_loss_by_hand():
-    c = train_vit.SimpleNamespace(loss="bce_smooth", smoothing=0.1)
+    c = lambda **kw: train_vit.SimpleNamespace(**{"loss": "bce_smooth", "smoothing": 0.1, "group_weights": "", **kw})
+    objective = lambda **kw: train_vit.Objective(c(**kw), None, None, "cpu")
     logits, y, g = torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]), torch.tensor([0, 1])
     bce = lambda z, t: -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
     expected = bce(2.0, 0.9) + bce(-1.0, 0.1) + bce(0.5, 0.1) + bce(0.5, 0.9)  # summed, 0.9 / 0.1 targets
-    assert train_vit.loss_fn(c, logits, y, g, None).item() == pytest.approx(expected, rel=1e-6)
+    assert objective()(logits, y, g).item() == pytest.approx(expected, rel=1e-6)
     # a weight per (label, group) cell: sample 0 is cell (0, 0), sample 1 is cell (1, 1)
-    w = torch.tensor([2.0, 1.0, 1.0, 0.0])
-    assert train_vit.loss_fn(c, logits, y, g, w).item() == pytest.approx(2 * (bce(2.0, 0.9) + bce(-1.0, 0.1)), rel=1e-6)
-    focal = train_vit.SimpleNamespace(loss="focal", focal_gamma=0.0)  # gamma 0 is cross-entropy
+    weighted = objective(group_weights="2,1,1,0")(logits, y, g)
+    assert weighted.item() == pytest.approx(2 * (bce(2.0, 0.9) + bce(-1.0, 0.1)), rel=1e-6)
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-    assert train_vit.loss_fn(focal, logits, y, g, None).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert objective(loss="focal", focal_gamma=0.0)(logits, y, g).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert objective(loss="ce")(logits, y, g).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert objective().state_dict() == {} and objective().log(["women", "men"]) == {}  # no state but Group DRO's
 
 
 def test_train_indices_balanced_and_groups():
@@ -140,9 +139,9 @@ def test_sweep_reproduces_the_single_run(tiny_data, reference_run, tmp_path):
 
 
 def test_stop_and_resume_equals_uninterrupted(tiny_data, reference_run, tmp_path):
-    run(tiny_data, tmp_path, "--stop_after=1")  # the "kill": one epoch of the 2-epoch schedule
+    run_vit(tiny_data, tmp_path, "--stop_after=1")  # the "kill": one epoch of the 2-epoch schedule
     assert len(read_log(tmp_path)) == 1
-    run(tiny_data, tmp_path, "--resume=True")
+    run_vit(tiny_data, tmp_path, "--resume=True")
     assert read_log(tmp_path) == read_log(reference_run)
     a, b = weights(tmp_path / "last.safetensors"), weights(os.path.join(reference_run, "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -150,48 +149,47 @@ def test_stop_and_resume_equals_uninterrupted(tiny_data, reference_run, tmp_path
 
 def test_augment_kw_keeps_integer_parameters(tiny_data, tmp_path):
     # blur_kernel is an int: cast to 3.0 it would crash conv2d's padding on the first batch
-    run(tiny_data, tmp_path, "--epochs=1", "--augment_kw=blur_kernel=3,blur_p=1,crop_scale=(0.3,1.0)")
+    run_vit(tiny_data, tmp_path, "--epochs=1", "--augment_kw=blur_kernel=3,blur_p=1,crop_scale=(0.3,1.0)")
     assert len(read_log(tmp_path)) == 1
-    with pytest.raises(SystemExit) as e:
-        run(tiny_data, tmp_path / "bad", "--augment_kw=blur_kernel=3.5")
-    assert str(e.value.code) == "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"
+    message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'bad'}",
+                                          "--augment_kw=blur_kernel=3.5"])
+    assert message == "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypatch):
-    run(tiny_data, tmp_path, "--stop_after=1")
+    run_vit(tiny_data, tmp_path, "--stop_after=1")
     good = (tmp_path / "last.safetensors").read_bytes()
-    monkeypatch.setattr(train_vit, "loss_fn", lambda *a: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(SystemExit) as e:
-        run(tiny_data, tmp_path, "--resume=True")
-    assert str(e.value.code).startswith("error: non-finite loss") and "epoch 2" in str(e.value.code)
+    monkeypatch.setattr(train_vit.Objective, "__call__", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--resume=True"])
+    assert message.startswith("error: non-finite loss") and "epoch 2" in message
     assert (tmp_path / "last.safetensors").read_bytes() == good
 
 
 def test_signal_stops_between_steps_and_resume_finishes_the_run(tiny_data, reference_run, tmp_path, monkeypatch):
-    # SIGTERM / Ctrl-C set model.STOP (model.run_dir's handler); here it "arrives" during epoch 2's first step
-    real, calls = train_vit.loss_fn, []
+    # SIGTERM / Ctrl-C set run.STOP (run.run_dir's handler); here it "arrives" during epoch 2's first step
+    real, calls = train_vit.Objective.__call__, []
 
     def loss_then_signal(*args):
         calls.append(1)
         if len(calls) == 21:  # 320 images / batch 16 = 20 steps per epoch: the first step of epoch 2
-            model.STOP.set()
+            run.STOP.set()
         return real(*args)
 
-    monkeypatch.setattr(train_vit, "loss_fn", loss_then_signal)
-    with pytest.raises(SystemExit) as e:
-        run(tiny_data, tmp_path)
+    monkeypatch.setattr(train_vit.Objective, "__call__", loss_then_signal)
+    with pytest.raises(SystemExit) as e:  # a stop, not an error: the message without the "error: " prefix
+        run_vit(tiny_data, tmp_path)
     assert str(e.value.code) == (f"stopped by a signal in epoch 2: {tmp_path / 'last.safetensors'} holds epoch 1; "
                                  "continue with --resume=true")
     assert len(read_log(tmp_path)) == 1 and not (tmp_path / ".lock").exists()
-    monkeypatch.setattr(train_vit, "loss_fn", real)
-    run(tiny_data, tmp_path, "--resume=true")
+    monkeypatch.setattr(train_vit.Objective, "__call__", real)
+    run_vit(tiny_data, tmp_path, "--resume=true")
     assert read_log(tmp_path) == read_log(reference_run)  # as if nothing had happened
 
 
 def test_compiled_training_matches_eager_on_cpu(tiny_data, reference_run, tmp_path):
     """compile=true goes through inductor's CPU backend (gcc): the same losses and weights as the eager reference
     run up to float reassociation in the fused kernels (tolerance 1e-4 relative on losses, 1e-3 on weights)."""
-    run(tiny_data, tmp_path, "--compile=true")
+    run_vit(tiny_data, tmp_path, "--compile=true")
     eager, compiled = read_log(reference_run), read_log(tmp_path)
     assert [h["train_loss"] for h in compiled] == pytest.approx([h["train_loss"] for h in eager], rel=1e-4)
     a, b = weights(tmp_path / "last.safetensors"), weights(os.path.join(reference_run, "last.safetensors"))
@@ -201,10 +199,10 @@ def test_compiled_training_matches_eager_on_cpu(tiny_data, reference_run, tmp_pa
 def test_bf16_autocast_step_on_cpu(tiny_data, reference_run, monkeypatch, tmp_path):
     """amp=bf16 on the CPU: the model's output is bf16, the loss is taken in fp32, SING steps on fp32 gradients
     into fp32 weights and the logged metrics are plain floats; the first epoch's loss is the fp32 run's within 5%."""
-    seen, real_loss, real_forward = {}, train_vit.loss_fn, model.ViT.forward
+    seen, real_loss, real_forward = {}, train_vit.Objective.__call__, model.ViT.forward
 
-    def loss_spy(c, logits, y, g, w):
-        loss = real_loss(c, logits, y, g, w)
+    def loss_spy(self, logits, y, g):
+        loss = real_loss(self, logits, y, g)
         seen.setdefault("loss", (logits.dtype, loss.dtype))
         return loss
 
@@ -213,9 +211,9 @@ def test_bf16_autocast_step_on_cpu(tiny_data, reference_run, monkeypatch, tmp_pa
         seen.setdefault("output", out.dtype)
         return out
 
-    monkeypatch.setattr(train_vit, "loss_fn", loss_spy)
+    monkeypatch.setattr(train_vit.Objective, "__call__", loss_spy)
     monkeypatch.setattr(model.ViT, "forward", forward_spy)
-    run(tiny_data, tmp_path, "--amp=bf16", "--stop_after=1")
+    run_vit(tiny_data, tmp_path, "--amp=bf16", "--stop_after=1")
     assert seen == {"output": torch.bfloat16, "loss": (torch.float32, torch.float32)}
     net, _, state = model.load_checkpoint(str(tmp_path / "last.safetensors"))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())

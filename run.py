@@ -1,0 +1,202 @@
+"""One training run's plumbing, shared by the scripts: its files, its folder, its signals, its ranks.
+
+    write_atomic(path, write)           every file a script writes: temp name, then rename (never half a file)
+    with run_dir(out_dir, resume, force, master): ...   one run per folder, its lock, a clean stop on Ctrl-C
+    device = pick_device("auto")        cuda under torchrun's LOCAL_RANK if there is one, else the CPU
+    with ddp(device_name): ...          torchrun's process group (NCCL on CUDA, gloo on the CPU), torn down after
+    gather(t, world), rng_states(...)   what the ranks share: predictions, RNG states for an exact resume
+    write_table(path, intro, header, rows), mean_std(values)   the seed tables (sweep, ssl-table, robust table)
+
+Nothing here knows about models or data: model.py saves its checkpoints through write_atomic.
+"""
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from configurator import UserError
+
+
+def write_atomic(path, write):
+    """write(tmp) into a temporary name beside `path`, then rename it over `path`: a reader (or a crash) never sees
+    half a file, and a failed write leaves neither a partial `path` nor the temporary file. Every file the scripts
+    write goes through here; a data set's .beton files are made atomic a folder at a time (beton.py)."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    """write_atomic for a str."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# a run's folder: one run at a time, never over an earlier run by accident, and a clean stop on Ctrl-C / SIGTERM
+
+RUN_FILES = ("last.safetensors", "best.safetensors", "log.jsonl")  # what makes a folder hold a run
+STOP = threading.Event()  # set by SIGINT / SIGTERM inside run_dir: the training loops stop at the next step
+
+
+class Stopped(UserError):
+    """A SIGINT / SIGTERM ended the run between two steps; its last checkpoint is intact (not an error: no prefix)."""
+    prefix = ""
+
+
+def check_out_dir(path, resume=False, force=False):
+    """Refuse (UserError) a folder that holds an earlier run unless resume (continue it) or force (replace it)."""
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
+    if earlier and not (resume or force):
+        raise UserError(f"{path} holds an earlier run ({', '.join(earlier)}): pass --resume=true to continue it, "
+                        "--force=true to replace it, or choose another --out_dir")
+
+
+@contextlib.contextmanager
+def run_dir(path, resume=False, force=False, master=True):
+    """Claim `path` for one training run. Refuses a folder holding an earlier run (check_out_dir); a lock file
+    (path/.lock, the owner's pid) keeps a second run out, and a lock whose process is gone is taken over with a
+    message. While inside, SIGINT / SIGTERM set STOP instead of killing the process, so the loop can stop between
+    steps with its last checkpoint intact. Non-master DDP ranks only get the signal handling."""
+    lock = os.path.join(path, ".lock")
+    if master:
+        check_out_dir(path, resume, force)
+        os.makedirs(path, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = Path(lock).read_text().strip()
+            if owner.isdigit() and alive(int(owner)):
+                raise UserError(f"another run (pid {owner}) is writing to {path}; wait for it or choose another "
+                                "--out_dir") from None
+            print(f"taking over {lock}: its run (pid {owner or '?'}) is gone")
+            fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+    STOP.clear()
+    previous = {s: signal.signal(s, lambda *_: STOP.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if master and os.path.exists(lock):
+            os.remove(lock)
+
+
+def stop_requested(world=1, device="cpu"):
+    """Whether a SIGINT / SIGTERM arrived (under DDP: on any rank; every rank gets the same answer)."""
+    if world == 1:
+        return STOP.is_set()
+    flag = torch.tensor([float(STOP.is_set())], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def alive(pid):
+    """Whether process pid exists (a lock's or a build folder's owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# the device and the ranks
+
+def pick_device(name):
+    """auto -> this process's CUDA device (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but torch sees no CUDA device here; use --device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+
+
+@contextlib.contextmanager
+def ddp(device_name):
+    """Under torchrun (RANK set): the process group for the block, NCCL on CUDA and gloo on the CPU, each rank on
+    its LOCAL_RANK's GPU; torn down after, also on an error. Without torchrun: nothing."""
+    launched = "RANK" in os.environ
+    if launched:
+        cuda = torch.cuda.is_available() and device_name != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        yield
+    finally:
+        if launched:
+            dist.destroy_process_group()
+
+
+def rank_world():
+    """(this process's rank, the number of ranks): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(t, world):
+    """All ranks' tensors [n_r, ...] concatenated (rank order); pads to the largest n_r for all_gather."""
+    if world == 1:
+        return t
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
+
+
+def rng_states(generator, device, world):
+    """Every rank's RNG states (torch, CUDA, the augmentation generator), gathered so rank 0 can save them all in
+    the resume state. A collective: every rank calls it."""
+    states = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    comm = device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    return {k: [s.cpu() for s in gather(v.to(comm)[None], world)] for k, v in states.items()}
+
+
+def set_rng_states(states, generator, device, rank):
+    """Restore this rank's RNG states from rng_states()'s record (resume)."""
+    r = rank % len(states["torch"])
+    torch.set_rng_state(states["torch"][r].cpu())
+    generator.set_state(states["augment"][r].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"][r].cpu(), device)
+
+
+# the seed tables: one markdown writer for train_vit.py's sweep, train_mixmatch.py's ssl-table and robust.py's table
+
+def mean_std(values):
+    """'mean ± std' over seeds, 4 decimals: the sample standard deviation (n - 1), 0 for one seed; nan counts."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return f"{v.mean():.4f} ± {v.std(correction=int(len(v) > 1)):.4f}"
+
+
+def write_table(path, intro, header, rows):
+    """intro (paragraphs) and a markdown table (header: column names; rows: lists of cells, a float shown with 4
+    decimals) -> path, atomically, and printed."""
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = [*(p for paragraph in intro for p in (paragraph, "")), "| " + " | ".join(header) + " |",
+             "|---" * len(header) + "|", *("| " + " | ".join(map(cell, r)) + " |" for r in rows)]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_text(path, text)
+    print(text)
+    return text
