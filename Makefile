@@ -15,7 +15,7 @@ ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
+.PHONY: help setup test lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,9 +39,6 @@ setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then p
 
 test: setup  ## run the test suite (about 4 minutes on 2 idle CPU cores)
 	$(PY) -m pytest
-
-test-slow: setup  ## also run the tests marked slow
-	$(PY) -m pytest -m ''
 
 lint: setup  ## ruff
 	.venv/bin/ruff check .

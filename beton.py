@@ -11,8 +11,11 @@ one, whole. Whatever a killed build leaves (its temporary folder, or the old ver
 removed by the next build of the same OUT_DIR, which says so. The .beton files are FFCV's, written by its writer with
 the failure modes of FFCV 1.0.2's worker loop closed (_ffcv_write); meta.json is written last, so a folder with one is
 whole. Problems the user can fix (a full disk, an unwritable or occupied out_dir, an empty split) raise DataError.
+The importers (sources.py, celeba.py) read their input files with the helpers below DataError: decode_images,
+list_files, need_dir, read_text, relative_path.
 """
 
+import codecs
 import errno
 import hashlib
 import json
@@ -22,6 +25,8 @@ import shutil
 import time
 import traceback
 import types
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -34,7 +39,7 @@ from data import SPLITS
 
 class DataError(configurator.UserError):
     """A problem with the user's input to a build (missing folder, empty source, bad label file, no network, a full
-    disk): one line. sources.py raises it too."""
+    disk): one line. The importers (sources.py, celeba.py) raise it too."""
 
 
 def need_space(folder, need, what):
@@ -44,6 +49,67 @@ def need_space(folder, need, what):
         raise DataError(f"not enough free space in {os.path.dirname(folder)}: {what} needs about "
                         f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free some space or choose another "
                         "--out_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a source's files (every importer but synthetic): images, folders, label files, the paths they list
+
+def decode_images(sources, names, size, desc, out=None, skipped=None, where=None):
+    """Decode many images with a thread pool (PIL releases the GIL while decoding and resizing). Unreadable ones are
+    skipped and listed in `skipped`. Returns (images [k, size, size, 3] (a view of `out` when given), kept indices).
+    where: the folder or label file they come from; when given, a non-empty list with no readable image is an error
+    that names it (rather than an empty split further on)."""
+    out = np.empty((len(sources), size, size, 3), np.uint8) if out is None else out
+    kept, first_bad = [], None
+    with ThreadPoolExecutor(data._cores()) as pool:
+        results = pool.map(partial(data.decode_image, size=size), sources)
+        for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False, disable=None)):
+            if isinstance(img, str):
+                skipped.append(dict(file=names[i], reason=img))
+                first_bad = first_bad or (names[i], img)
+            else:
+                out[len(kept)] = img
+                kept.append(i)
+    if where is not None and first_bad and not kept:
+        raise DataError(f"none of the {len(sources)} files from {where} is a readable image (the first, "
+                        f"{first_bad[0]}: {first_bad[1]})")
+    return out[: len(kept)], np.array(kept, np.int64)
+
+
+def list_files(folder):
+    """Every file under folder (recursive, sorted, hidden files ignored), as paths relative to folder."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(filenames) if not f.startswith(".")]
+    return found
+
+
+def need_dir(path, what="folder"):
+    if not os.path.isdir(path):
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def read_text(path):
+    """A label file's text: UTF-8 (a leading byte-order mark is dropped), else Latin-1, which is said."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path} is UTF-16 text; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        print(f"note: {path} is not UTF-8 (byte {e.start}); read it as Latin-1")
+        return raw.decode("latin-1")
+
+
+def relative_path(name, where, folder):
+    """A path from a label file (`where`), normalised; refused when absolute or leading out of `folder` (../)."""
+    norm = os.path.normpath(name)
+    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise DataError(f"{where}: {name!r} is outside {folder}; listed images must be inside it")
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------------

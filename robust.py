@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import configurator
 import data
 import evaluate
+import metrics
 import model
 import run
 import train_vit
@@ -45,6 +46,7 @@ OWN = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) i
 DEFAULTS = {**train_vit.DEFAULTS, **OWN}
 CHOICES = {**train_vit.CHOICES, "table": ("", "robust")}
 PRESETS = {
+    **train_vit.PRESETS,  # recipe, demo
     # make robust-table: the debiasing table on the CPU (data/robust: synthetic Blond_Hair x Male, 40x40). A
     # 0.1M-parameter ViT (2 blocks, width 64, 8x8 patches) from scratch, small enough for 9 rows x 3 seeds in about
     # half an hour.
@@ -86,7 +88,7 @@ def run_jtt(cfg):
     scores, labels, groups = evaluate.predict(net, loader, net.cfg.img_size, amp=cfg["amp"])
     errors = torch.nonzero(scores.argmax(1) != labels).flatten()
     if rank == 0:
-        names = data.read_meta(cfg["data_dir"])["groups"] or evaluate.GROUP_NAMES
+        names = data.read_meta(cfg["data_dir"])["groups"] or metrics.GROUP_NAMES
         name = lambda g: names[g] if 0 <= g < len(names) else str(g)
         per_cell = {f"{y} / {name(g)}": int(((labels[errors] == y) & (groups[errors] == g)).sum())
                     for y in labels.unique().tolist() for g in groups.unique().tolist()}
@@ -150,7 +152,7 @@ def dfr_head(feats, labels, groups, seed=0, num_classes=2):
 
     def worst_cell(W, b, idx):
         pred = (z[idx].double() @ W.T + b).argmax(1)
-        return min(evaluate.cell_accuracies(pred, labels[idx], groups[idx]).values())
+        return min(metrics.cell_accuracies(pred, labels[idx], groups[idx]).values())
 
     tried = {l2: worst_cell(*fit_head(z[fit], labels[fit], l2, num_classes), held) for l2 in DFR_L2}
     l2 = max(tried, key=tried.get)  # ties: the weakest penalty, the first in DFR_L2
@@ -174,9 +176,9 @@ def run_dfr(cfg):
     if differ := data.mismatch(ck_meta.get("data") or {}, meta):
         raise UserError(f"--dfr={c.dfr} was trained for other data than {c.data_dir}: {differ}")
     _, val_groups = data.load_labels(c.data_dir, "val")
-    if not evaluate.has_both_groups(val_groups) or (val_groups < 0).any():
+    if not metrics.has_both_groups(val_groups) or (val_groups < 0).any():
         raise UserError(f"DFR needs a group label on every val sample of {c.data_dir}, and both groups")
-    group_names = meta["groups"] or evaluate.GROUP_NAMES
+    group_names = meta["groups"] or metrics.GROUP_NAMES
     with run.run_dir(c.out_dir, c.resume, c.force):
         split = lambda name: features(net, data.make_loader(c.data_dir, name, c.eval_batch_size, train=False,
                                                             device=device, backend=c.backend), net.cfg.img_size, c.amp)
@@ -185,8 +187,8 @@ def run_dfr(cfg):
         with torch.no_grad():
             net.head.weight.copy_(W.float())
             net.head.bias.copy_(b.float())
-        scored = lambda f: evaluate.compute_metrics(f[0].double() @ W.T + b, f[1], f[2], group_names=group_names,
-                                                    n_boot=0)
+        scored = lambda f: metrics.compute_metrics(f[0].double() @ W.T + b, f[1], f[2], group_names=group_names,
+                                                   n_boot=0)
         val_metrics, on_test = scored(val), scored(test)
         model.save_checkpoint(os.path.join(c.out_dir, "best.safetensors"), net,
                               meta={"config": ck_meta.get("config", {}), "data": ck_meta.get("data"),
@@ -263,7 +265,7 @@ def run_table(cfg):
 def write_table(cfg, run_cfg, out_dir, results, minutes, seeds, start):
     """out_dir/robust_table.md: what was run (data, model, command, date, time), then a row per method."""
     meta = data.read_meta(cfg["data_dir"])
-    names = meta["groups"] or evaluate.GROUP_NAMES
+    names = meta["groups"] or metrics.GROUP_NAMES
     cells = ", ".join(f"{meta['classes'][c['label']]} / {names[c['group']]} {c['n']}"
                       for c in meta["splits"]["train"]["cells"] if c["group"] >= 0)
     command = " ".join(shlex.quote(f"--{k}={v}") for k, v in cfg.items() if v != DEFAULTS[k])

@@ -14,29 +14,22 @@ removes, and says so. Bad input ends in one DataError line before anything is wr
 """
 
 import ast
-import codecs
 import csv
-import hashlib
 import inspect
 import io
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 import beton
+import celeba
 import configurator
 import data
 import faces
-from beton import DataError, need_space
+from beton import DataError, decode_images, list_files, need_dir, read_text, relative_path
 from data import SPLITS
 
-CELEBA_REPO = "flwrlabs/celeba"
-CELEBA_REVISION = "2d738f56e0e7f925ea36ae7c808ea925264aacec"  # pinned: the images and the official partition
-CELEBA_CONFIG = "img_align+identity+attr"
 CHALLENGE_CELLS = (0.44, 0.145, 0.365, 0.05)  # (label 0, women), (1, women), (0, men), (1, men), as in the challenge
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,7 +62,7 @@ SYNTHETIC = dict(
 CELEBA = dict(
     **OUTPUT,
     root="",  # the source's folder (required; celeba: empty downloads flwrlabs/celeba from the Hub)
-    revision=CELEBA_REVISION,  # the Hub revision to download (pinned)
+    revision=celeba.CELEBA_REVISION,  # the Hub revision to download (pinned)
     **ATTRIBUTES,
 )
 CHALLENGE = dict(
@@ -180,71 +173,13 @@ def synthetic_source(cfg, scratch=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading image files (every source but synthetic)
-
-def _read_images(sources, names, size, desc, out=None, skipped=None, where=None):
-    """Decode many images with a thread pool (PIL releases the GIL while decoding and resizing). Unreadable ones are
-    skipped and listed in `skipped`. Returns (images [k, size, size, 3] (a view of `out` when given), kept indices).
-    where: the folder or label file they come from; when given, a non-empty list with no readable image is an error
-    that names it (rather than an empty split further on)."""
-    out = np.empty((len(sources), size, size, 3), np.uint8) if out is None else out
-    kept, first_bad = [], None
-    with ThreadPoolExecutor(data._cores()) as pool:
-        results = pool.map(partial(data.decode_image, size=size), sources)
-        for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False, disable=None)):
-            if isinstance(img, str):
-                skipped.append(dict(file=names[i], reason=img))
-                first_bad = first_bad or (names[i], img)
-            else:
-                out[len(kept)] = img
-                kept.append(i)
-    if where is not None and first_bad and not kept:
-        raise DataError(f"none of the {len(sources)} files from {where} is a readable image (the first, "
-                        f"{first_bad[0]}: {first_bad[1]})")
-    return out[: len(kept)], np.array(kept, np.int64)
-
-
-def _list_files(folder):
-    """Every file under folder (recursive, sorted, hidden files ignored), as paths relative to folder."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.relpath(os.path.join(dirpath, f), folder) for f in sorted(filenames) if not f.startswith(".")]
-    return found
-
-
-def _need_dir(path, what="folder"):
-    if not os.path.isdir(path):
-        raise DataError(f"{what} not found: {path}")
-    return path
-
+# Splits (the input files are read with beton.py's helpers: decode_images, list_files, read_text, ...)
 
 def _fractions(vals, key="split"):
     """Fractions in 0..1 that sum to 1 (to within 0.01: 0.33,0.33,0.34 is fine) -> exactly 1."""
     if min(vals) < 0 or max(vals) > 1 or abs(sum(vals) - 1) > 0.01:
         raise DataError(f"--{key}={','.join(map(str, vals))}: {len(vals)} fractions in 0..1 that sum to 1")
     return [v / sum(vals) for v in vals]
-
-
-def _read_text(path):
-    """A label file's text: UTF-8 (a leading byte-order mark is dropped), else Latin-1, which is said."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(f"{path} is UTF-16 text; save it as UTF-8")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        print(f"note: {path} is not UTF-8 (byte {e.start}); read it as Latin-1")
-        return raw.decode("latin-1")
-
-
-def _relative(name, where, folder):
-    """A path from a label file (`where`), normalised; refused when absolute or leading out of `folder` (../)."""
-    norm = os.path.normpath(name)
-    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
-        raise DataError(f"{where}: {name!r} is outside {folder}; listed images must be inside it")
-    return norm
 
 
 def _stratified(keys, fracs, seed):
@@ -267,20 +202,20 @@ def challenge_source(cfg, scratch=None):
     """The challenge folder: train/*.jpg, test/*.jpg, train.txt (image<TAB>label -1/1<TAB>genre -1/1, no header).
     genre 1 is taken as men (CelebA's Male convention). A stratified label x group validation split, seeded. A row
     listed twice is kept once (said); the same image with other labels is refused."""
-    root = _need_dir(cfg["root"])
-    train_dir, test_dir = _need_dir(os.path.join(root, "train")), _need_dir(os.path.join(root, "test"))
+    root = need_dir(cfg["root"])
+    train_dir, test_dir = need_dir(os.path.join(root, "train")), need_dir(os.path.join(root, "test"))
     txt = os.path.join(root, "train.txt")
     if not os.path.isfile(txt):
         raise DataError(f"label file not found: {txt}")
     rows, twice = {}, 0  # name -> (label, genre, line number)
-    for lineno, line in enumerate(_read_text(txt).splitlines(), 1):
+    for lineno, line in enumerate(read_text(txt).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 3 or parts[1] not in ("-1", "1") or parts[2] not in ("-1", "1"):
             raise DataError(f"{txt}:{lineno}: expected 'image<TAB>label<TAB>genre' with -1/1 values, "
                             f"got {line.strip()!r}")
-        name = _relative(parts[0], f"{txt}:{lineno}", train_dir)
+        name = relative_path(parts[0], f"{txt}:{lineno}", train_dir)
         if name in rows:
             if rows[name][:2] != (parts[1], parts[2]):
                 raise DataError(f"{txt}:{lineno}: {name} is listed again with other labels (line {rows[name][2]}: "
@@ -300,16 +235,16 @@ def challenge_source(cfg, scratch=None):
                         f"(first: {missing[0]})")
     skipped = []
     size = cfg["size"]
-    images, kept = _read_images([os.path.join(train_dir, nm) for nm in names], names, size, "train images",
-                                skipped=skipped, where=txt)
+    images, kept = decode_images([os.path.join(train_dir, nm) for nm in names], names, size, "train images",
+                                 skipped=skipped, where=txt)
     labels, groups = np.array(labels, np.int64)[kept], np.array(genres, np.int64)[kept]
     full = dict(images=images, labels=labels, groups=groups)
     train_idx, val_idx = _stratified(labels * 2 + groups, [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
-    test_names = _list_files(test_dir)
+    test_names = list_files(test_dir)
     if not test_names:
         raise DataError(f"no images in {test_dir}")
-    test_images, test_kept = _read_images([os.path.join(test_dir, nm) for nm in test_names], test_names, size,
-                                          "test images", skipped=skipped, where=test_dir)
+    test_images, test_kept = decode_images([os.path.join(test_dir, nm) for nm in test_names], test_names, size,
+                                           "test images", skipped=skipped, where=test_dir)
     unknown = np.full(len(test_kept), -1, np.int64)
     test = dict(images=test_images, labels=unknown, groups=unknown, files=[test_names[i] for i in test_kept])
     return dict(splits=dict(train=_take(full, train_idx), val=_take(full, val_idx), test=test), classes=["-1", "1"],
@@ -320,12 +255,12 @@ def _read_group_csv(path, root):
     """CSV with a header `path,group` (path relative to --root) -> {path: group name}."""
     if not os.path.isfile(path):
         raise DataError(f"group file not found: {path}")
-    rows = list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     if not rows or not {"path", "group"} <= set(rows[0]):
         raise DataError(f"{path}: expected a CSV with a header 'path,group' and one row per image")
     table = {}
     for lineno, r in enumerate(rows, 2):
-        name, group = _relative(r["path"] or "", f"{path}:{lineno}", root), (r["group"] or "").strip()
+        name, group = relative_path(r["path"] or "", f"{path}:{lineno}", root), (r["group"] or "").strip()
         if table.get(name, group) != group:
             raise DataError(f"{path}:{lineno}: {name} is listed again with another group")
         table[name] = group
@@ -339,11 +274,11 @@ def _read_group_csv(path, root):
 def folder_source(cfg, scratch=None):
     """Class-per-subfolder trees: ROOT/<class>/**/image, or ROOT/{train,val,test}/<class>/** when already split.
     Groups come from an optional CSV (`path,group`; group names in sorted order, e.g. female < male)."""
-    root = _need_dir(cfg["root"])
+    root = need_dir(cfg["root"])
     presplit = os.path.isdir(os.path.join(root, "train"))
     tops = [os.path.join(root, s) for s in SPLITS] if presplit else [root]
     for top in tops:
-        _need_dir(top, "split folder")
+        need_dir(top, "split folder")
     classes = sorted(d for d in os.listdir(tops[0]) if os.path.isdir(os.path.join(tops[0], d)) and d[0] != ".")
     if not classes:
         raise DataError(f"no class subfolders in {tops[0]}")
@@ -352,7 +287,7 @@ def folder_source(cfg, scratch=None):
     for t, top in enumerate(tops):
         for k, cls in enumerate(classes):
             cls_dir = os.path.join(top, cls)
-            found = _list_files(cls_dir) if os.path.isdir(cls_dir) else []
+            found = list_files(cls_dir) if os.path.isdir(cls_dir) else []
             files += [os.path.relpath(os.path.join(cls_dir, f), root) for f in found]
             labels += [k] * len(found)
             part += [t] * len(found)
@@ -365,8 +300,8 @@ def folder_source(cfg, scratch=None):
     group_names = sorted(set(table.values()))
     gid = {g: i for i, g in enumerate(group_names)}
     skipped = []
-    images, kept = _read_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
-                                where=root)
+    images, kept = decode_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
+                                 where=root)
     files = [files[i] for i in kept]
     full = dict(images=images, labels=np.array(labels, np.int64)[kept],
                 groups=np.array([gid.get(table.get(os.path.normpath(f)), -1) for f in files], np.int64))
@@ -385,18 +320,18 @@ AAF_NAME = re.compile(r"^(\d{5})A(\d{2})\.\w+$")  # serial number, age: 00000-07
 def aaf_source(cfg, scratch=None):
     """All-Age-Faces: the `aligned faces/` folder (or the data set folder holding it). Label = gender from the serial
     number (0 female, 1 male); attrs Male and Age; seeded stratified splits."""
-    root = _need_dir(cfg["root"])
+    root = need_dir(cfg["root"])
     inner = os.path.join(root, "aligned faces")
     folder = inner if os.path.isdir(inner) else root
-    names = [f for f in _list_files(folder) if os.sep not in f]
+    names = [f for f in list_files(folder) if os.sep not in f]
     if not names:
         raise DataError(f"no files in {folder}")
     skipped = [dict(file=f, reason="name is not NNNNNAyy.ext (serial, age)") for f in names if not AAF_NAME.match(f)]
     names = [f for f in names if AAF_NAME.match(f)]
     if not names:
         raise DataError(f"no All-Age-Faces images (named like 00000A02.jpg) in {folder}")
-    images, kept = _read_images([os.path.join(folder, f) for f in names], names, cfg["size"], "images", skipped=skipped,
-                                where=folder)
+    images, kept = decode_images([os.path.join(folder, f) for f in names], names, cfg["size"], "images",
+                                 skipped=skipped, where=folder)
     serial_age = np.array([[int(x) for x in AAF_NAME.match(names[i]).groups()] for i in kept], np.int64)
     male = (serial_age[:, 0] >= 7381).astype(np.int64)
     full = dict(images=images, labels=male, groups=np.full(len(kept), -1, np.int64),
@@ -415,23 +350,23 @@ def adience_source(cfg, scratch=None):
     group; rows with gender u or empty are skipped and counted. Splits are the benchmark's folds, which are disjoint
     in people (a random split would put photos of one person in train and test): test = fold test_fold, val = fold
     val_fold, train = the other three. attrs: Male and the fold."""
-    root = _need_dir(cfg["root"])
+    root = need_dir(cfg["root"])
     folds = (cfg["val_fold"], cfg["test_fold"])
     if not {*folds} <= set(range(5)) or folds[0] == folds[1]:
         raise DataError(f"--val_fold and --test_fold want two different folds in 0..4, got {folds[0]} and {folds[1]}")
-    aligned = _need_dir(os.path.join(root, "aligned"))
+    aligned = need_dir(os.path.join(root, "aligned"))
     names, male, fold, skipped = [], [], [], []
     for k in range(5):
         path = os.path.join(root, f"fold_{k}_data.txt")
         if not os.path.isfile(path):
             raise DataError(f"fold file not found: {path}")
-        rows = list(csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t"))
+        rows = list(csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter="\t"))
         if not rows or not set(ADIENCE_COLUMNS) <= set(rows[0]):
             raise DataError(f"{path}: expected a tab-separated header with {', '.join(ADIENCE_COLUMNS)}")
         for lineno, r in enumerate(rows, 2):
             name = os.path.join((r["user_id"] or "").strip(), f"landmark_aligned_face.{(r['face_id'] or '').strip()}."
                                                               f"{(r['original_image'] or '').strip()}")
-            name = _relative(name, f"{path}:{lineno}", aligned)
+            name = relative_path(name, f"{path}:{lineno}", aligned)
             gender = (r["gender"] or "").strip()
             if gender not in ("f", "m"):
                 skipped.append(dict(file=name, reason=f"gender {gender or 'empty'!r} in {os.path.basename(path)}"))
@@ -447,8 +382,8 @@ def adience_source(cfg, scratch=None):
         raise DataError(f"none of the {len(names)} faces with a gender in the fold files is under {aligned}")
     skipped += [dict(file=nm, reason="listed in a fold file, not in aligned/") for nm, f in zip(names, found) if not f]
     names, male, fold = ([v for v, f in zip(col, found) if f] for col in (names, male, fold))
-    images, kept = _read_images([os.path.join(aligned, nm) for nm in names], names, cfg["size"], "images",
-                                skipped=skipped, where=aligned)
+    images, kept = decode_images([os.path.join(aligned, nm) for nm in names], names, cfg["size"], "images",
+                                 skipped=skipped, where=aligned)
     male, fold = np.array(male, np.int64)[kept], np.array(fold, np.int64)[kept]
     full = dict(images=images, labels=male, groups=np.full(len(kept), -1, np.int64),
                 attrs=np.stack([male, fold], 1).astype(np.uint8))
@@ -458,147 +393,12 @@ def adience_source(cfg, scratch=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CelebA: the Hub's parquet shards (downloaded, or given with --root) or the official files (--root)
-
-OFFLINE = ("cannot download CelebA from the Hugging Face Hub ({}). Either pass --root DIR with the official files "
-           "(img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt) or the flwrlabs/celeba parquet "
-           "shards, or build the offline synthetic set: make data DATA=synthetic")
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_celeba(revision=CELEBA_REVISION):
-    """Fetch the flwrlabs/celeba parquet shards one at a time into the Hugging Face cache (resumable: finished shards
-    are reused, an interrupted one continues) and check each one's size and sha256 against the Hub listing.
-    Returns {split: [paths]}. Any failure to reach the Hub raises DataError naming the offline alternatives."""
-    try:
-        from huggingface_hub import HfApi, hf_hub_download
-        listing = [f for f in HfApi().list_repo_tree(CELEBA_REPO, CELEBA_CONFIG, recursive=True, revision=revision,
-                                                     repo_type="dataset") if f.path.endswith(".parquet")]
-    except Exception as e:  # offline, HF_HUB_OFFLINE, DNS, proxy, gated, moved: all end the same way
-        raise DataError(OFFLINE.format(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
-    shards = {}
-    for f in tqdm(sorted(listing, key=lambda f: f.path), desc="celeba shards", unit="shard", disable=None):
-        try:
-            path = hf_hub_download(CELEBA_REPO, f.path, repo_type="dataset", revision=revision)
-        except Exception as e:
-            raise DataError(OFFLINE.format(f"{f.path}: {type(e).__name__}")) from None
-        if os.path.getsize(path) != f.size or (f.lfs and _sha256(path) != f.lfs.sha256):
-            raise DataError(f"{path} does not match the Hub listing (size or sha256); delete it and run again")
-        shards.setdefault(_parquet_split(f.path), []).append(path)
-    return shards
-
-
-def _parquet_split(path):
-    name = os.path.basename(path)
-    return {"train": "train", "valid": "val", "validation": "val", "test": "test"}.get(name.split("-")[0])
-
-
-def _celeba_parquet(shards, size, scratch):
-    """{split: [parquet paths]} -> splits with images in memory-mapped scratch files (CelebA is ~4 GB at 80x80)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        schema = pq.read_schema(shards["train"][0])  # the 40 attributes: every bool column (or -1/1 ints, bar the id)
-        files = {split: [pq.ParquetFile(p) for p in shards[split]] for split in SPLITS}
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"a CelebA parquet shard is not readable ({type(e).__name__}: {e})") from None
-    if "image" not in schema.names:
-        raise DataError(f"{shards['train'][0]}: no image column; not a flwrlabs/celeba shard")
-    attr_names = [f.name for f in schema if pa.types.is_boolean(f.type) or (pa.types.is_integer(f.type) and f.name
-                  not in ("celeb_id", "__index_level_0__"))]
-    rows = {split: sum(f.metadata.num_rows for f in files[split]) for split in SPLITS}
-    need_space(scratch, sum(rows.values()) * size * size * 3, "the decoded images")
-    skipped, splits = [], {}
-    for split in SPLITS:
-        n = rows[split]
-        images = np.lib.format.open_memmap(os.path.join(scratch, f"{split}.npy"), "w+", np.uint8, (n, size, size, 3))
-        attrs, k = np.empty((n, len(attr_names)), np.uint8), 0
-        for f in files[split]:
-            for batch in f.iter_batches(batch_size=1024, columns=["image", *attr_names]):
-                col = batch.column("image")
-                blobs, paths = col.field("bytes").to_pylist(), col.field("path").to_pylist()
-                got, kept = _read_images(blobs, paths, size, f"celeba {split}", out=images[k:], skipped=skipped)
-                a = np.stack([batch.column(nm).to_numpy(zero_copy_only=False) for nm in attr_names], 1)
-                attrs[k: k + len(kept)] = a[kept] > 0
-                k += len(kept)
-        splits[split] = dict(images=images[:k], attrs=attrs[:k])
-    return splits, attr_names, skipped
-
-
-def _celeba_official(root, size, scratch):
-    """ROOT (or ROOT/celeba) with img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."""
-    if os.path.isfile(os.path.join(root, "celeba", "list_attr_celeba.txt")):
-        root = os.path.join(root, "celeba")  # torchvision's layout
-    img_dir = _need_dir(os.path.join(root, "img_align_celeba"))
-    attr_txt, part_txt = os.path.join(root, "list_attr_celeba.txt"), os.path.join(root, "list_eval_partition.txt")
-    for p in (attr_txt, part_txt):
-        if not os.path.isfile(p):
-            raise DataError(f"label file not found: {p}")
-    lines = [(k, ln.split()) for k, ln in enumerate(_read_text(attr_txt).splitlines(), 1) if ln.strip()]
-    if len(lines) < 3 or len(lines[0][1]) != 1 or not lines[0][1][0].isdigit():
-        raise DataError(f"{attr_txt}: expected the number of images, a line of attribute names, then one row per "
-                        f"image ({'an empty file' if not lines else f'{len(lines)} non-empty lines'})")
-    attr_names, rows = lines[1][1], lines[2:]
-    if int(lines[0][1][0]) != len(rows):
-        raise DataError(f"{attr_txt}: line 1 says {lines[0][1][0]} images, the file has {len(rows)} rows")
-    for lineno, r in rows:
-        if len(r) != len(attr_names) + 1 or not {*r[1:]} <= {"-1", "1", "0"}:
-            raise DataError(f"{attr_txt}:{lineno}: expected a file name and {len(attr_names)} values of -1 or 1, got "
-                            f"{' '.join(r)[:80]!r}")
-    partition = {}
-    for lineno, ln in enumerate(_read_text(part_txt).splitlines(), 1):
-        if not ln.strip():
-            continue
-        parts = ln.split()
-        if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-            raise DataError(f"{part_txt}:{lineno}: expected 'image.jpg 0|1|2' (train, val, test), got {ln.strip()!r}")
-        name = _relative(parts[0], f"{part_txt}:{lineno}", img_dir)
-        if partition.setdefault(name, int(parts[1])) != int(parts[1]):
-            raise DataError(f"{part_txt}:{lineno}: {name} is listed again in another split")
-    names = [_relative(r[0], f"{attr_txt}:{lineno}", img_dir) for lineno, r in rows]
-    if len(set(names)) != len(names):
-        raise DataError(f"{attr_txt} lists {len(names) - len(set(names))} images more than once")
-    missing = [nm for nm in names if nm not in partition or not os.path.isfile(os.path.join(img_dir, nm))]
-    if missing:
-        raise DataError(f"the label files do not match the images: {len(missing)} listed images are missing from "
-                        f"{img_dir} or from {part_txt} (first: {missing[0]})")
-    attrs = np.array([[v == "1" for v in r[1:]] for _, r in rows], np.uint8)
-    which = np.array([partition[nm] for nm in names])
-    need_space(scratch, len(names) * size * size * 3, "the decoded images")
-    skipped, splits = [], {}
-    for s, split in enumerate(SPLITS):
-        idx = np.flatnonzero(which == s)
-        out = np.lib.format.open_memmap(os.path.join(scratch, f"{split}.npy"), "w+", np.uint8,
-                                        (len(idx), size, size, 3))
-        images, kept = _read_images([os.path.join(img_dir, names[i]) for i in idx], [names[i] for i in idx], size,
-                                    f"celeba {split}", out=out, skipped=skipped, where=img_dir)
-        splits[split] = dict(images=images, attrs=attrs[idx[kept]])
-    return splits, attr_names, skipped
-
+# CelebA (celeba.py reads its images and attributes; the label and the group are attribute expressions)
 
 def celeba_source(cfg, scratch):
     """CelebA, 40 attributes kept, label and group by attribute expressions, the official partition. The only source
     that needs `scratch` (a folder for its memory-mapped images: ~4 GB at 80x80)."""
-    root, size = cfg["root"], cfg["size"]
-    if not root:
-        splits, names, skipped = _celeba_parquet(download_celeba(cfg["revision"]), size, scratch)
-    elif os.path.isdir(root) and any(f.endswith(".parquet") for f in _list_files(root)):
-        shards = {}
-        for f in _list_files(root):
-            if f.endswith(".parquet") and _parquet_split(f):
-                shards.setdefault(_parquet_split(f), []).append(os.path.join(root, f))
-        if set(shards) != set(SPLITS):
-            raise DataError(f"{root}: need train-*, valid-* and test-*.parquet shards, found {sorted(shards)}")
-        splits, names, skipped = _celeba_parquet(shards, size, scratch)
-    else:
-        splits, names, skipped = _celeba_official(_need_dir(root), size, scratch)
+    splits, names, skipped = celeba.load(cfg["root"], cfg["revision"], cfg["size"], scratch)
     for split in splits.values():
         split["labels"], split["groups"], classes, groups = _labels_from_attrs(split["attrs"], names, cfg["criterion"],
                                                                               cfg["group"])

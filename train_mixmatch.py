@@ -53,6 +53,7 @@ from tqdm import tqdm
 import configurator
 import data
 import evaluate
+import metrics
 import model
 import run
 import sing
@@ -65,7 +66,7 @@ data_dir = "data/celeba"  # a data.py output folder
 out_dir = "runs/mixmatch"  # the run's folder; with table=true, the folder of every run and of ssl_table.md
 resume = False  # continue from out_dir/last.safetensors if it exists
 force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
-select = "accuracy"  # the val metric that picks best.safetensors (evaluate.SELECT); all but accuracy need groups
+select = "accuracy"  # the val metric that picks best.safetensors (metrics.SELECT); all but accuracy need groups
 seed = 0  # model init, augmentation, mixup, batch order and the choice of the labelled subset
 n_labeled = 250  # labelled train images, balanced per class; the rest of the train split is unlabelled
 mode = "mixmatch"  # mixmatch | supervised | full
@@ -103,7 +104,7 @@ table_seeds = 3  # seeds 0 .. table_seeds-1
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 CHOICES = {"mode": ("mixmatch", "supervised", "full"), "net": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
-           "augment": tuple(data.AUGMENTS), "select": evaluate.SELECT, "arch": tuple(model.PRESETS),
+           "augment": tuple(data.AUGMENTS), "select": metrics.SELECT, "arch": tuple(model.PRESETS),
            "amp": ("bf16", "none")}
 # what a resumed run must share with the saved one (architecture, optimizer, data, labelled subset); the rest may change
 RESUME_MUST_MATCH = ("data_dir", "mode", "n_labeled", "seed", "net", "pretrained", "arch",
@@ -278,7 +279,7 @@ def load_train_data(c, world, dev):
     num_classes = len(meta["classes"])
     if c.batch_size % world:
         raise UserError(f"batch_size={c.batch_size} does not split evenly over {world} ranks")
-    if c.select != "accuracy" and not evaluate.has_both_groups(val_groups):
+    if c.select != "accuracy" and not metrics.has_both_groups(val_groups):
         raise UserError(f"select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
     if len(train_y.unique()) < 2:
         raise UserError(f"{c.data_dir} has one class in its train split: a classifier needs two")
@@ -319,7 +320,7 @@ def train(cfg):
     b = c.batch_size // world  # this rank's labelled rows (and unlabelled ones, times K)
     aug_kw = data.augment_settings(c.augment, c.augment_kw)
     meta, train_x, train_y, lab, unlab = load_train_data(c, world, dev)
-    num_classes, group_names = len(meta["classes"]), meta.get("groups") or evaluate.GROUP_NAMES
+    num_classes, group_names = len(meta["classes"]), meta.get("groups") or metrics.GROUP_NAMES
     val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, device=dev, rank=rank,
                                   world_size=world)
 
@@ -408,10 +409,10 @@ def train(cfg):
 
             evaluating = step % c.eval_every == 0 or step == c.steps
             if evaluating:
-                record, metrics = validate(c, ema, net, val_loader, group_names, world, step, losses, w_u)
+                record, val_metrics = validate(c, ema, net, val_loader, group_names, world, step, losses, w_u)
                 losses = []
                 history.append(record)
-                score = evaluate.selection_score(record, c.select)
+                score = metrics.selection_score(record, c.select)
                 improved = score > best
                 if improved:
                     best, best_step = score, step
@@ -420,7 +421,7 @@ def train(cfg):
                     tqdm.write(f"step {step}: val acc {record['accuracy']:.4f} (raw {record['raw']['accuracy']:.4f})"
                                f" f1 {record['f1']:.4f}{fair}{' *' if improved else ''}")
                     if improved:
-                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": metrics})
+                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": val_metrics})
                     plot(history, os.path.join(c.out_dir, "curves.png"))
             if evaluating or step == end:
                 save_last(step)

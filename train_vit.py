@@ -11,7 +11,7 @@ original 4th-place solution (DINO ViT-S/8 fine-tuned with SING at 224). Override
     torchrun --standalone --nproc_per_node=8 train_vit.py --data=data/celeba      # DDP: NCCL on GPU, gloo on CPU
     python train_vit.py --loss=group_dro --sampler=balanced --out_dir=runs/dro    # a debiasing loss or sampler
 
-A run writes out_dir/log.jsonl (one line per epoch, validation metrics under evaluate.py's names),
+A run writes out_dir/log.jsonl (one line per epoch, validation metrics under metrics.py's names),
 best.safetensors (best validation metric, select=), last.safetensors (+ optimizer, RNG and epoch state for
 resume=true) and curves.png. The two-stage debiasing methods (JTT, DFR) and the debiasing table live in robust.py,
 which drives this file's train().
@@ -35,6 +35,7 @@ from tqdm import tqdm
 import configurator
 import data
 import evaluate
+import metrics
 import model
 import run
 from configurator import UserError
@@ -94,7 +95,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 AMP = ("bf16", "none")
 CHOICES = {"init": ("dino", "scratch"), "sampler": ("random", "balanced", "subsample"),
            "backend": ("resident", "ffcv"), "loss": ("bce_smooth", "ce", "focal", "group_dro"),
-           "opt": ("sing", "adamw"), "select": evaluate.SELECT, "augment": tuple(data.AUGMENTS), "amp": AMP}
+           "opt": ("sing", "adamw"), "select": metrics.SELECT, "augment": tuple(data.AUGMENTS), "amp": AMP}
 PRESETS = {
     "recipe": {},  # the defaults above: DINO ViT-S/8, 80->224 bicubic, SING 5e-4 / 5e-3, 10 epochs, batch 64
     # make demo: a 0.48M-parameter ViT (4 blocks, width 96, 10x10 patches: 64 tokens) from scratch at native 80x80 on
@@ -317,7 +318,7 @@ def check_data(c, meta, labels, groups, n_train, world):
     """Every check of the data against the config, before any work. -> whether val has both groups (then per-group
     metrics and select=fair / worst_group work)."""
     _, val_groups = data.load_labels(c.data_dir, "val")
-    fair = evaluate.has_both_groups(val_groups)
+    fair = metrics.has_both_groups(val_groups)
     by_cell = [f"{k}={getattr(c, k)}" for k, off in (("train_groups", ""), ("sampler", "random"), ("group_weights", ""))
                if getattr(c, k) != off] + (["loss=group_dro"] if c.loss == "group_dro" else [])
     if c.batch_size % world:
@@ -351,7 +352,7 @@ def train(cfg):
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
-    group_names = meta["groups"] or evaluate.GROUP_NAMES
+    group_names = meta["groups"] or metrics.GROUP_NAMES
     kept = in_train_groups(c, groups) if c.group_weights or c.loss == "group_dro" else None
     objective = Objective(c, *((labels[kept], groups[kept]) if kept is not None else (None, None)), device, world)
     aug_kw = data.augment_settings(c.augment, c.augment_kw)
@@ -434,24 +435,24 @@ def train(cfg):
                 dist.all_reduce(totals)
 
             scores, val_labels, val_groups = evaluate.predict(net, val_loader, c.img_size, world=world, amp=c.amp)
-            metrics = evaluate.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
+            val_metrics = metrics.compute_metrics(scores, val_labels, val_groups, fair=fair, group_names=group_names)
             record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": (totals[0] / totals[1]).item(),
                       "grad_norm": float(np.mean(gnorms)), "grad_norm_max": float(np.max(gnorms)),
                       "img_per_s": totals[1].item() / train_time, "train_s": train_time, "time_s": time.time() - t0,
-                      **metrics, **objective.log(group_names)}
+                      **val_metrics, **objective.log(group_names)}
             if cuda:  # the CUDA allocator's high-water mark of this process so far (no such counter on the CPU)
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             history.append(record)
-            score = evaluate.selection_score(metrics, c.select)
+            score = metrics.selection_score(val_metrics, c.select)
             improved, best = score > best, max(best, score)
             rng = run.rng_states(aug_gen, device, world)  # a collective: every rank takes part
             if master:
                 state = {"optimizer": optimizer.state_dict(), "rng": rng, "epoch": epoch, "best": best,
                          "history": history, "configs": configs, **objective.state_dict()}
                 ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta), "epoch": epoch + 1,
-                             "metrics": metrics}
+                             "metrics": val_metrics}
                 save_epoch(c, net, ckpt_meta, state, improved)
-        return max(history, key=lambda h: evaluate.selection_score(h, c.select)) if history else None
+        return max(history, key=lambda h: metrics.selection_score(h, c.select)) if history else None
 
 
 def save_epoch(c, net, ckpt_meta, state, improved):

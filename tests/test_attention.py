@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 import attention
 import data
 import model
+from conftest import ROOT, error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = model.ViTConfig(img_size=32, patch_size=8, dim=32, depth=2, heads=2, num_classes=2)  # 4x4 patches
 
 
@@ -221,13 +221,6 @@ class NotAViT(nn.Module):
         return {"img_size": 32, "num_classes": 2}
 
 
-def exit_message(argv):
-    with pytest.raises(SystemExit) as e:
-        attention.main(argv)
-    assert isinstance(e.value.code, str), e.value.code  # a message, i.e. exit status 1
-    return e.value.code
-
-
 def test_errors_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch):
     data_dir, ckpt = tiny
     monkeypatch.setitem(model.ARCHS, "mlp", lambda config: NotAViT())
@@ -251,7 +244,7 @@ def test_errors_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch):
         "--show=all is not one of: random, errors, correct": ["--ckpt", ckpt, "--data", data_dir, "--show", "all"],
     }
     for expected, argv in cases.items():
-        msg = exit_message([*argv, "--out", out])
+        msg = error_line(attention.main, [*argv, "--out", out])
         assert msg.startswith("error: ") and expected in msg and "\n" not in msg, msg
     assert not os.path.exists(out)
 

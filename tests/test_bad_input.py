@@ -19,20 +19,11 @@ import evaluate
 import model
 import train_mixmatch
 import train_vit
+from conftest import ROOT, VIT_TINY, error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VIT = ["--init=scratch", "--arch=vit_tiny", "--dim=32", "--depth=1", "--heads=2", "--img_size=32", "--epochs=1",
-       "--batch_size=16", "--eval_batch_size=64", "--device=cpu", "--compile=false", "--amp=none"]
+VIT = [*VIT_TINY, "--epochs=1"]
 MIXMATCH = ["--config=cpu_small", "--n_labeled=20", "--steps=2", "--eval_every=2", "--batch_size=16",
             "--small_width=8", "--img_size=32"]
-
-
-def error_of(main, argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -51,19 +42,19 @@ def error_of(main, argv):
 ])
 def test_train_vit_config_refused_before_any_work(args, expected, tmp_path):
     # data_dir does not even exist: these are refused before anything is read
-    message = error_of(train_vit.main, [*VIT, f"--data={tmp_path / 'none'}", f"--out_dir={tmp_path / 'run'}", *args])
+    message = error_line(train_vit.main, [*VIT, f"--data={tmp_path / 'none'}", f"--out_dir={tmp_path / 'run'}", *args])
     assert message.startswith(expected), message
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
 def test_cuda_without_a_gpu(tiny_data, tmp_path):
-    message = error_of(train_vit.main, [*VIT, "--device=cuda", f"--data={tiny_data}", f"--out_dir={tmp_path}"])
+    message = error_line(train_vit.main, [*VIT, "--device=cuda", f"--data={tiny_data}", f"--out_dir={tmp_path}"])
     assert message == "error: --device=cuda but torch sees no CUDA device here; use --device=cpu or auto"
 
 
 def test_train_vit_data_checks(tiny_data, tmp_path):
-    run = lambda *a: error_of(train_vit.main, [*VIT, f"--data={tiny_data}", f"--out_dir={tmp_path / 'run'}", *a])
+    run = lambda *a: error_line(train_vit.main, [*VIT, f"--data={tiny_data}", f"--out_dir={tmp_path / 'run'}", *a])
     assert run("--batch_size=512") == ("error: --batch_size=512 is larger than the 320 training samples; "
                                       "lower it")
     one_class = tmp_path / "one_class"  # a data set whose train split holds one class
@@ -71,7 +62,7 @@ def test_train_vit_data_checks(tiny_data, tmp_path):
     meta = json.loads((one_class / "meta.json").read_text())
     meta["splits"]["train"]["cells"] = [c for c in meta["splits"]["train"]["cells"] if c["label"] == 0]
     (one_class / "meta.json").write_text(json.dumps(meta))
-    message = error_of(train_vit.main, [*VIT, f"--data={one_class}", f"--out_dir={tmp_path / 'run'}"])
+    message = error_line(train_vit.main, [*VIT, f"--data={one_class}", f"--out_dir={tmp_path / 'run'}"])
     assert message == f"error: {one_class} has 1 class in its train split: a classifier needs two"
     assert not (tmp_path / "run").exists()
 
@@ -80,13 +71,13 @@ def test_out_dir_with_an_earlier_run_is_refused_and_locked(tiny_data, tmp_path, 
     args = [*VIT, f"--data={tiny_data}", f"--out_dir={tmp_path}"]
     train_vit.main(args)
     log = (tmp_path / "log.jsonl").read_text()
-    message = error_of(train_vit.main, args)
+    message = error_line(train_vit.main, args)
     assert message.startswith(f"error: {tmp_path} holds an earlier run (last.safetensors, best.safetensors, "
                               "log.jsonl): pass --resume=true")
     assert (tmp_path / "log.jsonl").read_text() == log  # untouched
     # a second run while the first holds the lock (this process's pid: alive)
     (tmp_path / ".lock").write_text(str(os.getpid()))
-    assert error_of(train_vit.main, [*args, "--force"]).startswith(
+    assert error_line(train_vit.main, [*args, "--force"]).startswith(
         f"error: another run (pid {os.getpid()}) is writing to {tmp_path}")
     # a lock whose process is gone is taken over, with a message; --force replaces the run
     (tmp_path / ".lock").write_text("999999999")
@@ -97,7 +88,7 @@ def test_out_dir_with_an_earlier_run_is_refused_and_locked(tiny_data, tmp_path, 
 def test_resume_checks_the_saved_config(tiny_data, tmp_path, capsys):
     args = [*VIT, "--epochs=2", f"--data={tiny_data}", f"--out_dir={tmp_path}"]
     train_vit.main([*args, "--stop_after=1"])
-    message = error_of(train_vit.main, [*args, "--resume", "--dim=48", "--opt=adamw"])
+    message = error_line(train_vit.main, [*args, "--resume", "--dim=48", "--opt=adamw"])
     assert message == "error: cannot resume with a different dim (saved 32, now 48), opt (saved 'sing', now 'adamw')"
     train_vit.main([*args, "--resume", "--lr=0.001"])  # allowed, and said
     assert "resuming with changed config: lr 0.0005 -> 0.001" in capsys.readouterr().out
@@ -105,7 +96,7 @@ def test_resume_checks_the_saved_config(tiny_data, tmp_path, capsys):
     assert [c["lr"] for c in state["configs"]] == [5e-4, 1e-3]  # the history of configs is kept
     with open(tmp_path / "last.safetensors", "r+b") as f:  # a truncated file
         f.truncate(1000)
-    message = error_of(train_vit.main, [*args, "--resume"])
+    message = error_line(train_vit.main, [*args, "--resume"])
     assert message.startswith(f"error: cannot resume from {tmp_path / 'last.safetensors'}") and "delete it" in message
 
 
@@ -118,13 +109,13 @@ def test_resume_checks_the_saved_config(tiny_data, tmp_path, capsys):
     (["--ema_decay=1"], "error: --ema_decay=1.0: must be in [0, 1)"),
 ])
 def test_train_mixmatch_config_refused_before_any_work(args, expected, tmp_path):
-    message = error_of(train_mixmatch.main, [*MIXMATCH, f"--data={tmp_path / 'none'}", f"--out_dir={tmp_path / 'r'}",
+    message = error_line(train_mixmatch.main, [*MIXMATCH, f"--data={tmp_path / 'none'}", f"--out_dir={tmp_path / 'r'}",
                                              *args])
     assert message.startswith(expected), message
 
 
 def test_train_mixmatch_data_checks_and_earlier_run(tiny_data, tmp_path):
-    run = lambda *a: error_of(train_mixmatch.main, [*MIXMATCH, f"--data={tiny_data}", f"--out_dir={tmp_path}", *a])
+    run = lambda *a: error_line(train_mixmatch.main, [*MIXMATCH, f"--data={tiny_data}", f"--out_dir={tmp_path}", *a])
     assert run("--n_labeled=1") == "error: --n_labeled=1: at least one labelled image per class (2 classes)"
     train_mixmatch.main([*MIXMATCH, f"--data={tiny_data}", f"--out_dir={tmp_path}"])
     log = (tmp_path / "log.jsonl").read_text()
@@ -147,7 +138,7 @@ def test_checkpoints_that_do_not_fit(tiny_data, tmp_path):
     for ckpt in (unknown_key, headless):
         for main, argv in ((evaluate.main, ["--ckpt", ckpt, "--data", tiny_data]),
                            (attention.main, ["--ckpt", ckpt, "--data", tiny_data, "--out", str(tmp_path / "o")])):
-            message = error_of(main, argv)
+            message = error_line(main, argv)
             assert "config or weights do not fit this code" in message, message
     assert not (tmp_path / "o").exists()
 
@@ -160,9 +151,9 @@ class Evil:
 def test_a_pickle_with_code_is_refused_in_one_line(tiny_data, tmp_path, capfd):
     evil = tmp_path / "pytorch_model.bin"
     torch.save({"weights": Evil()}, evil)
-    message = error_of(attention.main, ["--ckpt", str(evil), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
+    message = error_line(attention.main, ["--ckpt", str(evil), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
     assert message.startswith(f"error: {evil}: holds Python objects other than tensors")
-    message = error_of(train_vit.main, [f"--pretrained={evil}", f"--data={tiny_data}", "--img_size=32",
+    message = error_line(train_vit.main, [f"--pretrained={evil}", f"--data={tiny_data}", "--img_size=32",
                                         f"--out_dir={tmp_path / 'run'}"])
     assert message.startswith(f"error: {evil}: holds Python objects other than tensors")
     assert "pwned" not in capfd.readouterr().out  # and its code never ran

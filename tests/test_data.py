@@ -1,7 +1,7 @@
-"""data.py, sources.py, faces.py and beton.py: building (synthetic, challenge, folder, aaf, adience, celeba), the
-command line, the .beton round trip, both loader backends, the batched augmentation, `data.py show` and the error
-paths. Most tests read the session's tiny synthetic set (conftest's tiny_data); the importers build their own from
-files they write. FFCV's JIT costs seconds per process, so only two FFCV loaders are made."""
+"""data.py, sources.py, celeba.py, faces.py and beton.py: building (synthetic, challenge, folder, aaf, adience,
+celeba), the command line, the .beton round trip, both loader backends, the batched augmentation, `data.py show` and
+the error paths. Most tests read the session's tiny synthetic set (conftest's tiny_data); the importers build their
+own from files they write. FFCV's JIT costs seconds per process, so only two FFCV loaders are made."""
 
 import io
 import os
@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import beton
+import celeba
 import data
 import faces
 import sources
@@ -445,7 +446,7 @@ def test_celeba_from_parquet_shards(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     rng = np.random.default_rng(3)
-    folder = tmp_path / "hf" / sources.CELEBA_CONFIG
+    folder = tmp_path / "hf" / celeba.CELEBA_CONFIG
     folder.mkdir(parents=True)
     kept = {}
     for s, prefix, n in (("train", "train", 5), ("val", "valid", 3), ("test", "test", 3)):

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import metrics
 import model
 import train_mixmatch as tm
+from conftest import ROOT, error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config=cpu_small", "--n_labeled=20", "--steps=6", "--eval_every=3", "--batch_size=16", "--small_width=8",
          "--img_size=32"]
 
@@ -33,14 +34,6 @@ def read_log(out_dir):
 
 def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def error_of(argv):
-    with pytest.raises(SystemExit) as e:
-        tm.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message  # one line, no traceback
-    return message
 
 
 # ----------------------------------------------------------------------------- MixMatch pieces
@@ -187,20 +180,21 @@ def test_config_preset_then_overrides():
     ("--arch=resnet", "error: --arch=resnet is not one of: vit_small_patch8, vit_tiny"),  # train_vit.py's meaning
     ("--net=wrn50_2", "error: --pretrained=facebook/dino-vits8: net=wrn50_2 takes torchvision (its ImageNet "
                       "weights) or nothing (random init); --config=wrn50_2 sets it"),
-    ("--select=best", "error: --select=best is not one of: " + ", ".join(evaluate.SELECT)),
+    ("--select=best", "error: --select=best is not one of: " + ", ".join(metrics.SELECT)),
     ("--config=nope", "error: unknown preset --config=nope (presets: cpu_small, wrn50_2)"),
     ("--augment_kw=blur_kernel=3.5", "error: --augment_kw blur_kernel=3.5 is not an int (default 5)"),
 ])
 def test_config_errors_name_the_problem(arg, message):
-    assert error_of([arg]) == message
+    assert error_line(tm.main, [arg]) == message
 
 
 def test_data_errors_are_one_line_before_training(tiny_data, tmp_path):
-    assert error_of(["--data=/nonexistent"]).startswith("error: /nonexistent is not a data.py output (no meta.json)")
-    message = error_of([f"--data={tiny_data}", "--n_labeled=100000"])
+    message = error_line(tm.main, ["--data=/nonexistent"])
+    assert message.startswith("error: /nonexistent is not a data.py output (no meta.json)")
+    message = error_line(tm.main, [f"--data={tiny_data}", "--n_labeled=100000"])
     assert message.startswith("error: --n_labeled=100000: class 0 has ") and message.endswith(
         "train images, fewer than the 50000 labelled ones asked")
-    assert error_of([f"--data={tiny_data}", "--n_labeled=20", "--device=cpu", f"--out_dir={tmp_path}",
+    assert error_line(tm.main, [f"--data={tiny_data}", "--n_labeled=20", "--device=cpu", f"--out_dir={tmp_path}",
                      "--pretrained=/nonexistent/model.safetensors"]) == \
         "error: /nonexistent/model.safetensors: no such file or folder"
     assert not os.listdir(tmp_path)  # nothing was written
@@ -209,7 +203,7 @@ def test_data_errors_are_one_line_before_training(tiny_data, tmp_path):
 def test_select_fair_needs_both_groups_in_val(tmp_path_factory, tmp_path):
     gender = str(tmp_path_factory.mktemp("data") / "gender")  # MixMatch's usual task: no group labels at all
     data.main(["synthetic", "--n=120", "--size=32", "--target=Male", "--group=none", f"--out_dir={gender}"])
-    assert error_of([f"--data={gender}", "--select=fair"]) == \
+    assert error_line(tm.main, [f"--data={gender}", "--select=fair"]) == \
         f"error: select=fair needs both groups in the val split of {gender}; use --select=accuracy"
     run(gender, tmp_path, "--steps=2", "--eval_every=2", "--n_labeled=10")  # select=accuracy: trains, no fair score
     log = read_log(tmp_path)
@@ -293,7 +287,7 @@ def test_stop_and_resume_is_bit_identical(tiny_data, reference_run, tmp_path):
 
 def test_non_finite_loss_stops_with_one_line(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "l2_loss", lambda *a: torch.tensor(float("nan")))
-    assert error_of([*SMALL, f"--data={tiny_data}", f"--out_dir={tmp_path}"]) == \
+    assert error_line(tm.main, [*SMALL, f"--data={tiny_data}", f"--out_dir={tmp_path}"]) == \
         f"error: non-finite loss at step 1; {tmp_path}/last.safetensors holds the last saved state"
 
 

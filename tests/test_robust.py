@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import evaluate
+import metrics
 import model
 import robust
 import train_vit
@@ -256,8 +256,8 @@ def spurious_features(n, p_majority, gen):
 def test_dfr_head_fits_balanced_cells_and_fixes_the_worst_cell():
     gen = torch.Generator().manual_seed(0)
     val, test = spurious_features(2000, 0.97, gen), spurious_features(4000, 0.5, gen)
-    worst = lambda W, b: min(evaluate.cell_accuracies((test[0].double() @ W.T + b).argmax(1), test[1],
-                                                      test[2]).values())
+    worst = lambda W, b: min(metrics.cell_accuracies((test[0].double() @ W.T + b).argmax(1), test[1],
+                                                     test[2]).values())
     # a head fitted on all of val (its cells as skewed as the train set's) leans on the group feature
     z = (val[0] - val[0].mean(0)) / val[0].std(0)
     W_all, b_all = robust.fit_head(z, val[1], l2=1e-3)
