@@ -7,7 +7,7 @@ every train_vit.py key works here too.
     python robust.py --config=robust --jtt_epochs=1 --jtt_up=5 --out_dir=runs/jtt     # JTT (Liu et al. 2021)
     python robust.py --config=robust --dfr=runs/erm/last.safetensors --out_dir=runs/dfr  # DFR (Kirichenko et al. 2023)
     python robust.py --config=robust --table=robust   # each method x 3 seeds -> runs/robust/robust_table.md
-    python robust.py --config=robust --table=robust --quick   # a 2-minute check (1 seed, 2 epochs): runs/robust/quick
+    python robust.py --config=robust --table=robust --quick   # a few-minute check (1 seed, 2 epochs): runs/robust/quick
 
 JTT writes out_dir/jtt_id (its identification run), out_dir/jtt_errors.json (the errors, train_vit.py's
 upsample=PATH format) and then the final run into out_dir; DFR writes out_dir/best.safetensors and log.jsonl.
@@ -298,20 +298,18 @@ def parse_config(argv):
     return cfg
 
 
+def run_any(cfg):
+    """The table, a DFR refit (on rank 0) or one run, as the keys say."""
+    if cfg["table"]:
+        return run_table(cfg)
+    if cfg["dfr"]:
+        return run_dfr(cfg) if run.rank_world()[0] == 0 else None
+    return run_one(cfg)
+
+
 @configurator.cli
 def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    data.keep_freed_memory()  # as train_vit.py: the CPU augmentation's buffers reused
-    with run.ddp(cfg["device"]):
-        if cfg["table"]:
-            run_table(cfg)
-        elif cfg["dfr"]:
-            if run.rank_world()[0] == 0:
-                run_dfr(cfg)
-        else:
-            run_one(cfg)
+    train_vit.launch(parse_config(sys.argv[1:] if argv is None else argv), run_any)
 
 
 if __name__ == "__main__":

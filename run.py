@@ -11,6 +11,7 @@ Nothing here knows about models or data: model.py saves its checkpoints through 
 """
 
 import contextlib
+import gc
 import os
 import signal
 import threading
@@ -129,7 +130,7 @@ def pick_device(name):
 @contextlib.contextmanager
 def ddp(device_name):
     """Under torchrun (RANK set): the process group for the block, NCCL on CUDA and gloo on the CPU, each rank on
-    its LOCAL_RANK's GPU; torn down after, also on an error. Without torchrun: nothing."""
+    its LOCAL_RANK's GPU; torn down after (also on an error), once every rank is done. Without torchrun: nothing."""
     launched = "RANK" in os.environ
     if launched:
         cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -138,8 +139,13 @@ def ddp(device_name):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     try:
         yield
+        if launched:  # after a success only: a rank that failed must not wait for the others
+            dist.barrier()  # the ranks leave together: none closes its connections while another still uses them
     finally:
         if launched:
+            # DDP's reducer sits in reference cycles and holds the process group: free it now, while Python is whole,
+            # so the group's worker threads end here and not in the interpreter's shutdown
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -353,8 +353,8 @@ def train(cfg):
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
     group_names = meta["groups"] or metrics.GROUP_NAMES
-    kept = in_train_groups(c, groups) if c.group_weights or c.loss == "group_dro" else None
-    objective = Objective(c, *((labels[kept], groups[kept]) if kept is not None else (None, None)), device, world)
+    kept = in_train_groups(c, groups)  # the samples the run draws from: their cell counts weigh the loss
+    objective = Objective(c, labels[kept], groups[kept], device, world)
     aug_kw = data.augment_settings(c.augment, c.augment_kw)
 
     with run.run_dir(c.out_dir, c.resume, c.force, master):
@@ -539,17 +539,21 @@ def parse_config(argv, defaults=DEFAULTS, file=__file__, presets=PRESETS, choice
     return cfg
 
 
+def launch(cfg, work):
+    """work(cfg) in this process as every run here starts: torch's thread count (threads=), freed memory kept for
+    the CPU augmentation's batch buffers (data.keep_freed_memory: ~1.7x), torchrun's process group when launched
+    by it (run.ddp)."""
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    data.keep_freed_memory()
+    with run.ddp(cfg["device"]):
+        return work(cfg)
+
+
 @configurator.cli
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    data.keep_freed_memory()  # the CPU augmentation's batch buffers reused, not page-faulted in anew (~1.7x)
-    with run.ddp(cfg["device"]):
-        if cfg["sweep"]:
-            run_sweep(cfg)
-        else:
-            train(cfg)
+    launch(cfg, run_sweep if cfg["sweep"] else train)
 
 
 if __name__ == "__main__":
