@@ -331,7 +331,7 @@ def main(argv=None):
                 upsample=args.upsample, img_size=S, patch_size=model.cfg.patch_size, names=names,
                 classes=classes, groups=group_names)
     run.write_atomic(out / "maps.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()}))
+                     lambda tmp: save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in info.items()}))
     print(f"wrote {len(starts)} grid PNG(s) and maps.safetensors ({len(inputs)} images) to {out}")
 
 

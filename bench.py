@@ -161,11 +161,6 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def cores():
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
 def _cpuinfo():
     try:
         return Path("/proc/cpuinfo").read_text()
@@ -188,7 +183,7 @@ def cpu_peak(info=None, n_cores=None):
     lanes x 2 = 64 (AMD family 25, Zen 4, splits 512-bit ops into two 256-bit halves: 32), AVX2 + FMA = 2 x 8 x 2 =
     32, AVX = 16, SSE = 8. (None, why) where it cannot tell (not x86, no clock)."""
     info = _cpuinfo() if info is None else info
-    n_cores = cores() if n_cores is None else n_cores
+    n_cores = data.cores() if n_cores is None else n_cores
     field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()
                               if line.split(":", 1)[0].strip() == key), "")
     flags = set(field("flags").split())
@@ -357,7 +352,7 @@ def bench_loaders(results, data_dir, plan):
     dev = plan.device
     gen = torch.Generator(device=dev).manual_seed(0)
     aug = lambda x: data.augment(x, plan.out_size, generator=gen)
-    workers = cores()
+    workers = data.cores()
     fns = {backend: epoch_fn(data.make_loader(data_dir, "train", plan.batch, train=True, device=dev, backend=backend),
                              aug) for backend in ("ffcv", "resident")}
     with tempfile.TemporaryDirectory() as root:
@@ -477,12 +472,13 @@ def write_report(results, plan, seconds, load=None):
     """OUT_DIR/bench.json and a markdown table, OUT_DIR/bench.md, each written atomically. load: the 1-minute load
     averages at the start and the end, for the record."""
     when = time.strftime("%Y-%m-%d")
+    n_cores = data.cores()
     machine = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {cores()} cores"
+        f"{platform.processor() or platform.machine()} CPU, {n_cores} cores"
     busy = "" if load is None else (f" The machine's 1-minute load average was {load[0]:.1f} at the start and "
-                                    f"{load[1]:.1f} at the end, on {cores()} cores" +
+                                    f"{load[1]:.1f} at the end, on {n_cores} cores" +
                                     # the end's figure includes this run's own threads: the start tells of others
-                                    (": other work shared the cores, so expect a wide spread." if load[0] > cores() / 2
+                                    (": other work shared the cores, so expect a wide spread." if load[0] > n_cores / 2
                                      else "."))
     malloc = (" glibc's malloc kept freed memory for reuse (data.keep_freed_memory(), called at start as the training "
               "scripts do)." if plan.malloc else " data.keep_freed_memory() had no effect here (not Linux/glibc).")
@@ -548,8 +544,8 @@ def main(argv=None):
     plan.malloc = data.keep_freed_memory()  # once at start, as train_vit.py and train_mixmatch.py do
     torch.manual_seed(0)
     results, t0, load = {}, time.time(), os.getloadavg()[0]
-    if load > cores():
-        print(f"note: load average {load:.1f} on {cores()} cores: other work shares them, the ratios will spread",
+    if load > data.cores():
+        print(f"note: load average {load:.1f} on {data.cores()} cores: other work shares them, the ratios will spread",
               flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         # the augmentation alone needs 256 images, not the loader benchmarks' set

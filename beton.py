@@ -61,7 +61,7 @@ def decode_images(sources, names, size, desc, out=None, skipped=None, where=None
     that names it (rather than an empty split further on)."""
     out = np.empty((len(sources), size, size, 3), np.uint8) if out is None else out
     kept, first_bad = [], None
-    with ThreadPoolExecutor(data._cores()) as pool:
+    with ThreadPoolExecutor(data.cores()) as pool:
         results = pool.map(partial(data.decode_image, size=size), sources)
         for i, img in enumerate(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False, disable=None)):
             if isinstance(img, str):
@@ -134,7 +134,7 @@ def _writer_layout(split):
     over pages), and there are no more workers than chunks of 256 rows (each worker pads its last page)."""
     item = int(np.prod(split["images"].shape[1:])) + (split["attrs"].shape[1] if "attrs" in split else 0)
     page = max(1 << 21, 1 << (item - 1).bit_length())  # 2 MiB pages keep small files small
-    return page, max(1, min(data._cores(), 8, -(-len(split["labels"]) // 256)))
+    return page, max(1, min(data.cores(), 8, -(-len(split["labels"]) // 256)))
 
 
 def _beton_bytes(split):

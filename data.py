@@ -39,7 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ERASE_FILL = (95, 242, 186)
 
 
-def _cores():
+def cores():
+    """The cores this process may run on (FFCV's workers, the importers' decoding threads, the benchmarks)."""
     return len(os.sched_getaffinity(0))
 
 
@@ -133,7 +134,7 @@ def _rebuild(data_dir, meta):
             "its meta.json)")
 
 
-_OPENED = {}  # (path, size, mtime_ns) -> _open_beton's result: each file is opened and checked once per process
+_OPENED = {}  # (path, size, mtime_ns, its meta.json entry) -> _open_beton's result: checked once per process
 
 
 def _open_beton(data_dir, split, meta):
@@ -303,7 +304,7 @@ class SplitLoader:
             # no ToDevice on the CPU: a CPU-only pipeline with ToDevice('cpu') hangs (https://github.com/libffcv/ffcv/issues/350)
             to_dev = lambda: [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
             ints = lambda: [IntDecoder(), ToTensor(), Squeeze(), *to_dev()]  # a pipeline of its own per field
-            loader = Loader(path, self.batch_size, num_workers=_cores(), os_cache=True, drop_last=self.train,
+            loader = Loader(path, self.batch_size, num_workers=cores(), os_cache=True, drop_last=self.train,
                             order=OrderOption.RANDOM if self.train else OrderOption.SEQUENTIAL, seed=self.seed,
                             indices=self.indices.numpy(), pipelines=dict(
                                 image=[SimpleRGBImageDecoder(), ToTensor(), *to_dev(),

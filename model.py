@@ -294,7 +294,7 @@ def _read_source(src):
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise UserError(f"{weights}: holds Python objects other than tensors, which torch.load(weights_only=True) "
-                             "refuses to run; not loaded (convert it to .safetensors where you trust it)") from None
+                            "refuses to run; not loaded (convert it to .safetensors where you trust it)") from None
         sd = sd.get("state_dict", sd.get("model", sd))  # training checkpoints nest the weights
 
     def strip(k):
@@ -324,7 +324,7 @@ def _heads(src, dim, hub_config, overrides):
     heads = overrides.get("heads") or hub_config.get("num_attention_heads") or KNOWN_HEADS.get(dim)
     if not heads:
         raise UserError(f"{src}: cannot tell its number of attention heads (width {dim} is not a standard ViT's, and "
-                         f"no config.json or checkpoint metadata says): pass heads=N to load_pretrained")
+                        f"no config.json or checkpoint metadata says): pass heads=N to load_pretrained")
     return heads
 
 
@@ -339,7 +339,7 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
     need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"]
     if absent := [k for k in need if k not in sd]:
         raise UserError(f"{src}: not a ViT checkpoint in the transformers or DINO/timm layout: no {absent}; "
-                         f"keys are like {sorted(sd)[:5]}")
+                        f"keys are like {sorted(sd)[:5]}")
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     cfg = ViTConfig(
         img_size=math.isqrt(sd["pos_embed"].shape[1] - 1) * patch,
@@ -362,7 +362,7 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
     if missing or unexpected or misshaped:
         short = lambda names: ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "") or "-"
         raise UserError(f"{src}: weights do not fit {model.cfg}: missing keys: {short(missing)}; "
-                         f"unexpected keys: {short(unexpected)}; misshaped keys (file vs model): {short(misshaped)}")
+                        f"unexpected keys: {short(unexpected)}; misshaped keys (file vs model): {short(misshaped)}")
     model.load_state_dict(sd, strict=False)  # strict apart from the head, checked above
     return model
 

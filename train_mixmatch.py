@@ -273,12 +273,12 @@ def validate(c, ema, net, val_loader, group_names, world, step, losses, w_u):
 def load_train_data(c, world, dev):
     """The train split (images and labels on the device), its labelled and unlabelled indices, and meta.json, once
     every check of the data against the config has passed."""
+    if c.batch_size % world:
+        raise UserError(f"batch_size={c.batch_size} does not split evenly over {world} ranks")
     meta = data.read_meta(c.data_dir, splits=("train", "val", "test"))
     _, val_groups = data.load_labels(c.data_dir, "val")
     train_x, train_y, _ = data.load_split(c.data_dir, "train")
     num_classes = len(meta["classes"])
-    if c.batch_size % world:
-        raise UserError(f"batch_size={c.batch_size} does not split evenly over {world} ranks")
     if c.select != "accuracy" and not metrics.has_both_groups(val_groups):
         raise UserError(f"select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
     if len(train_y.unique()) < 2:
@@ -383,7 +383,8 @@ def train(cfg):
             pl = F.one_hot(train_y[idx], num_classes).float()
             with autocast:
                 if c.mode == "mixmatch":
-                    views = [augment(xu) for xu in [train_x[next(unlab_batches)[mine].to(dev)]] for _ in range(c.K)]
+                    xu = train_x[next(unlab_batches)[mine].to(dev)]
+                    views = [augment(xu) for _ in range(c.K)]
                     loss_x, loss_u = mixmatch_losses(c, net, forward, xl, pl, views)
                     w_u = c.lambda_u * rampup_weight(step, ramp_steps)
                     loss = loss_x + w_u * loss_u
@@ -431,10 +432,10 @@ def train(cfg):
                 print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
             return None
 
-        return test_best(c, history, best_step, group_names, dev)
+        return best_on_test(c, history, best_step, group_names, dev)
 
 
-def test_best(c, history, best_step, group_names, dev):
+def best_on_test(c, history, best_step, group_names, dev):
     """The end of a run: best.safetensors scored on the test split (every rank its shard), the test line appended
     to log.jsonl. -> the test metrics."""
     rank, world = run.rank_world()

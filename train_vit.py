@@ -135,14 +135,14 @@ def build_model(c, num_classes):
     return model.ViT(cfg)
 
 
-# the sampler: which train samples an epoch sees (train_groups, upsample, then sampler=)
-
 def build_optimizer(c, net, cuda):
     """SING (the recipe) or AdamW over param_groups."""
     if c.opt == "sing":
         return SING(param_groups(net, c.weight_decay), lr=c.lr)
     return torch.optim.AdamW(param_groups(net, c.weight_decay), lr=c.lr, fused=cuda)  # fused: a CUDA-only kernel
 
+
+# the sampler: which train samples an epoch sees (train_groups, upsample, then sampler=)
 
 def cells_of(idx, labels, groups):
     """The non-empty label x group cells of the samples idx, label-major: [indices of cell (y, g), ...]."""
@@ -314,7 +314,7 @@ def plot_curves(history, path):
 # -----------------------------------------------------------------------------
 # the training run
 
-def check_data(c, meta, labels, groups, n_train, world):
+def check_data(c, meta, groups, n_train, world):
     """Every check of the data against the config, before any work. -> whether val has both groups (then per-group
     metrics and select=fair / worst_group work)."""
     _, val_groups = data.load_labels(c.data_dir, "val")
@@ -348,7 +348,7 @@ def train(cfg):
     labels, groups = data.load_labels(c.data_dir, "train")
     upsample = read_upsample(c.upsample, len(labels)) if c.upsample else None
     indices = train_indices(c, labels, groups, 0, upsample)
-    fair = check_data(c, meta, labels, groups, len(labels) if indices is None else len(indices), world)
+    fair = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
