@@ -10,9 +10,10 @@ end; --force swaps an existing OUT_DIR for the new one so that a data set is alw
 one, whole. Whatever a killed build leaves (its temporary folder, or the old version moved aside) is finished or
 removed by the next build of the same OUT_DIR, which says so. The .beton files are FFCV's, written by its writer with
 the failure modes of FFCV 1.0.2's worker loop closed (_ffcv_write); meta.json is written last, so a folder with one is
-whole. Problems the user can fix (a full disk, an unwritable or occupied out_dir, an empty split) raise DataError.
-The importers (sources.py, celeba.py) read their input files with the helpers below DataError: decode_images,
-list_files, need_dir, read_text, relative_path.
+whole. Problems the user can fix (a full disk, an unwritable or occupied out_dir, an empty split) raise DataError
+(data.py's). The importers (sources.py, celeba.py) read their input files with the helpers of the section "Reading
+a source's files": decode_images, hub_parquet (a Hub data set's parquet shards at a pinned revision, resumable,
+checked), list_files, need_dir, read_text, relative_path, shards_by_split.
 """
 
 import codecs
@@ -31,15 +32,9 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-import configurator
 import data
 import run
-from data import SPLITS
-
-
-class DataError(configurator.UserError):
-    """A problem with the user's input to a build (missing folder, empty source, bad label file, no network, a full
-    disk): one line. The importers (sources.py, celeba.py) raise it too."""
+from data import SPLITS, DataError
 
 
 def need_space(folder, need, what):
@@ -52,7 +47,8 @@ def need_space(folder, need, what):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading a source's files (every importer but synthetic): images, folders, label files, the paths they list
+# Reading a source's files (every importer but synthetic): images, folders, label files, the paths they list, the
+# Hub's parquet shards
 
 def decode_images(sources, names, size, desc, out=None, skipped=None, where=None):
     """Decode many images with a thread pool (PIL releases the GIL while decoding and resizing). Unreadable ones are
@@ -74,6 +70,50 @@ def decode_images(sources, names, size, desc, out=None, skipped=None, where=None
         raise DataError(f"none of the {len(sources)} files from {where} is a readable image (the first, "
                         f"{first_bad[0]}: {first_bad[1]})")
     return out[: len(kept)], np.array(kept, np.int64)
+
+
+def hub_parquet(repo, folder, revision, offline):
+    """Fetch the parquet shards under `folder` of the Hub data set `repo` at `revision` (a commit: pinned), one at a
+    time into the Hugging Face cache (resumable: finished shards are reused, an interrupted one continues), and check
+    each one's size and sha256 against the Hub's listing. -> their local paths, sorted. Any failure to reach the Hub
+    raises DataError with `offline`, a message whose {} takes the cause and which names the offline alternatives."""
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+        listing = [f for f in HfApi().list_repo_tree(repo, folder, recursive=True, revision=revision,
+                                                     repo_type="dataset") if f.path.endswith(".parquet")]
+    except Exception as e:  # offline, HF_HUB_OFFLINE, DNS, proxy, gated, moved: all end the same way
+        raise DataError(offline.format(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
+    if not listing:
+        raise DataError(offline.format(f"no parquet shards under {folder}/ in {repo} at {revision}"))
+    paths = []
+    for f in tqdm(sorted(listing, key=lambda f: f.path), desc=f"{repo} shards", unit="shard", disable=None):
+        try:
+            path = hf_hub_download(repo, f.path, repo_type="dataset", revision=revision)
+        except Exception as e:
+            raise DataError(offline.format(f"{f.path}: {type(e).__name__}")) from None
+        if os.path.getsize(path) != f.size or (f.lfs and _sha256(path) != f.lfs.sha256):
+            raise DataError(f"{path} does not match the Hub listing (size or sha256); delete it and run again")
+        paths.append(path)
+    return paths
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shards_by_split(paths, splits):
+    """Parquet shards named as the Hub names them (train-00000-of-00002-*.parquet) -> {split: [paths]}; `splits`
+    maps a file name's first word (train, valid, validation, test) to our split; other files are left out."""
+    shards = {}
+    for p in paths:
+        split = splits.get(os.path.basename(p).split("-")[0]) if p.endswith(".parquet") else None
+        if split:
+            shards.setdefault(split, []).append(p)
+    return shards
 
 
 def list_files(folder):
@@ -246,7 +286,8 @@ def write_dataset(ds, folder, source, cfg):
     sizes = {ds["splits"][s]["images"].shape[1:3] for s in SPLITS}
     assert len(sizes) == 1, sizes
     meta = dict(source=source, criterion=ds["criterion"], classes=ds["classes"], groups=ds["groups"],
-                attributes=ds["attributes"], image_size=list(sizes.pop()), splits={},
+                attributes=ds["attributes"], attribute_values=ds.get("attribute_values", {}),
+                image_size=list(sizes.pop()), splits={},
                 args={k: v for k, v in cfg.items() if k not in ("out_dir", "force")})
     for s in SPLITS:
         if len(ds["splits"][s]["labels"]) == 0:

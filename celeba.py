@@ -5,62 +5,27 @@ images and the 40 attributes per split) into labels and groups by its attribute 
 
     splits, attribute_names, skipped = load(root, revision, size, scratch)   # splits: {split: dict(images, attrs)}
 
-root: empty downloads the shards from the Hub into its cache (download_celeba); a folder holding train-*, valid-* and
+root: empty downloads the shards from the Hub into its cache (beton.hub_parquet); a folder holding train-*, valid-* and
 test-*.parquet shards reads those; any other folder must hold the official files (img_align_celeba/,
 list_attr_celeba.txt, list_eval_partition.txt, or a celeba/ folder with them: torchvision's layout). The images go to
 memory-mapped files in `scratch` (the build's temporary folder): ~4 GB at 80x80.
 """
 
-import hashlib
 import os
 
 import numpy as np
-from tqdm import tqdm
 
+import beton
 from beton import DataError, decode_images, list_files, need_dir, need_space, read_text, relative_path
 from data import SPLITS
 
 CELEBA_REPO = "flwrlabs/celeba"
 CELEBA_REVISION = "2d738f56e0e7f925ea36ae7c808ea925264aacec"  # pinned: the images and the official partition
 CELEBA_CONFIG = "img_align+identity+attr"
+CELEBA_SPLITS = {"train": "train", "valid": "val", "validation": "val", "test": "test"}  # shard name -> split
 OFFLINE = ("cannot download CelebA from the Hugging Face Hub ({}). Either pass --root DIR with the official files "
            "(img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt) or the flwrlabs/celeba parquet "
            "shards, or build the offline synthetic set: make data DATA=synthetic")
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_celeba(revision=CELEBA_REVISION):
-    """Fetch the flwrlabs/celeba parquet shards one at a time into the Hugging Face cache (resumable: finished shards
-    are reused, an interrupted one continues) and check each one's size and sha256 against the Hub listing.
-    Returns {split: [paths]}. Any failure to reach the Hub raises DataError naming the offline alternatives."""
-    try:
-        from huggingface_hub import HfApi, hf_hub_download
-        listing = [f for f in HfApi().list_repo_tree(CELEBA_REPO, CELEBA_CONFIG, recursive=True, revision=revision,
-                                                     repo_type="dataset") if f.path.endswith(".parquet")]
-    except Exception as e:  # offline, HF_HUB_OFFLINE, DNS, proxy, gated, moved: all end the same way
-        raise DataError(OFFLINE.format(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
-    shards = {}
-    for f in tqdm(sorted(listing, key=lambda f: f.path), desc="celeba shards", unit="shard", disable=None):
-        try:
-            path = hf_hub_download(CELEBA_REPO, f.path, repo_type="dataset", revision=revision)
-        except Exception as e:
-            raise DataError(OFFLINE.format(f"{f.path}: {type(e).__name__}")) from None
-        if os.path.getsize(path) != f.size or (f.lfs and _sha256(path) != f.lfs.sha256):
-            raise DataError(f"{path} does not match the Hub listing (size or sha256); delete it and run again")
-        shards.setdefault(_parquet_split(f.path), []).append(path)
-    return shards
-
-
-def _parquet_split(path):
-    name = os.path.basename(path)
-    return {"train": "train", "valid": "val", "validation": "val", "test": "test"}.get(name.split("-")[0])
 
 
 def _celeba_parquet(shards, size, scratch):
@@ -151,12 +116,10 @@ def load(root, revision, size, scratch):
     names, skipped [{"file", "reason"}]): the Hub's shards at `revision` (root empty), a folder of shards, or the
     official files."""
     if not root:
-        return _celeba_parquet(download_celeba(revision), size, scratch)
+        paths = beton.hub_parquet(CELEBA_REPO, CELEBA_CONFIG, revision, OFFLINE)
+        return _celeba_parquet(beton.shards_by_split(paths, CELEBA_SPLITS), size, scratch)
     if os.path.isdir(root) and any(f.endswith(".parquet") for f in list_files(root)):
-        shards = {}
-        for f in list_files(root):
-            if f.endswith(".parquet") and _parquet_split(f):
-                shards.setdefault(_parquet_split(f), []).append(os.path.join(root, f))
+        shards = beton.shards_by_split([os.path.join(root, f) for f in list_files(root)], CELEBA_SPLITS)
         if set(shards) != set(SPLITS):
             raise DataError(f"{root}: need train-*, valid-* and test-*.parquet shards, found {sorted(shards)}")
         return _celeba_parquet(shards, size, scratch)

@@ -5,23 +5,33 @@ applied to a whole batch on its device. The command line builds data sets from t
     python data.py synthetic --n=20000 --out_dir=data/synthetic   # offline: procedurally drawn faces
     python data.py celeba --out_dir=data/celeba                   # CelebA from the Hub (flwrlabs/celeba), or --root=DIR
     python data.py challenge --root=DIR --out_dir=data/challenge  # the 2023 challenge folder (train/, test/, train.txt)
+    python data.py fairface --out_dir=data/fairface               # FairFace from the Hub: gender across 7 race groups
+    python data.py synthetic --skin_tones=4 --group=Skin --out_dir=data/tones   # offline, 4 groups, one rare and dim
     python data.py SOURCE --help                                  # a source's keys and their defaults
     python data.py show data/demo --augment=full                  # originals beside augmented copies, per cell -> PNG
 
 A data set is a folder: {train,val,test}.beton (FFCV, raw uint8 RGB at native size; fields image, label, group and,
-where the source has attributes, attrs) and meta.json (class and group names, counts per label x group cell, skipped
-files, the build's config, a content hash). Conventions: labels 0..C-1 (-1 unknown), groups 0 = women, 1 = men
-(-1 unknown), images uint8 NCHW.
+where the source has attributes, attrs) and meta.json (class, group and attribute names, the values of categorical
+attributes, counts per label x group cell, skipped files, the build's config, a content hash). Conventions: labels
+0..C-1 (-1 unknown); groups 0..G-1 (-1 unknown) named in meta.json "groups", with 0 = women, 1 = men for gender
+(--group=Male, a group column of women/men) and gender first in a product (Male*Race: women & each race, then men);
+images uint8 NCHW; attrs uint8, one column per name in meta.json "attributes": 0/1 for a boolean attribute, the
+value's index for a categorical one (its names in meta.json "attribute_values", {name: [values]}; absent in data sets
+built before it), UNKNOWN (255) where the value is not known.
 Library: read_meta, load_split, load_labels, load_attrs, summary, make_loader (backends "resident" and "ffcv"),
-augment (training) and prepare (evaluation: resize + normalise), AUGMENTS (named augmentation lists).
+augment (training) and prepare (evaluation: resize + normalise), AUGMENTS (named augmentation lists); attribute
+expressions for labels and groups, at build and evaluation time: parse_criterion, labels_from_attrs,
+groups_from_attrs (e.g. "Male", "Race", "Male*Young", "Blond_Hair ^ Eyeglasses").
 """
 
+import ast
 import contextlib
 import inspect
 import io
 import json
 import math
 import os
+import re
 import sys
 import types
 
@@ -59,6 +69,12 @@ def _keep_torch_threads():
 
 class DataFileError(configurator.UserError):
     """A data set on disk that is not as data.py built it: missing, or a file damaged or changed since the build."""
+
+
+class DataError(configurator.UserError):
+    """A problem with the user's input about data: to a build (missing folder, empty source, bad label file, no
+    network, a full disk; the importers in sources.py and celeba.py raise it, beton.py's writer too) or an attribute
+    expression (a criterion, a group) that names no stored attribute: one line."""
 
 
 def read_meta(data_dir, splits=(), verify=None):
@@ -359,6 +375,132 @@ def make_loader(data_dir, split, batch_size, train, device, backend="resident", 
     in split positions. DDP: each rank takes every world_size-th sample of the same global order.
     The "ffcv" backend yields views of buffers it reuses: clone a batch to keep it beyond the next few iterations."""
     return SplitLoader(data_dir, split, batch_size, train, device, backend, indices, seed, rank, world_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attribute expressions: labels and groups from stored attributes. The sources build with them (--criterion,
+# --group) and evaluate.py regroups a built split's attrs with them (--group_by), so both read an expression alike.
+
+MAX_EXPRESSION = 1000  # characters: a longer expression is a pasted mistake, and ast would spend memory on it
+MAX_DEPTH = 50  # operator nesting: deeper trees would reach Python's recursion limit in the evaluation below
+MAX_GROUPS = 256  # a product's cells: more groups than any face data set can fill
+UNKNOWN = 255  # a categorical attribute's stored code when its value is not known
+_ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load,
+                  ast.And, ast.Or, ast.BitAnd, ast.BitOr, ast.BitXor, ast.Not, ast.Invert)
+_BINOPS = {ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or, ast.BitXor: np.logical_xor}
+_WORD = re.compile(r"\w+")
+_KEYWORDS = ("and", "or", "not")
+
+
+def parse_criterion(expr, names, what="criterion", categorical=()):
+    """Compile a boolean expression of attribute names into f({name: bool array}) -> bool array. The expression is
+    parsed with `ast` and only names and & | ^ ~ not and or are accepted: nothing is ever eval'd. Every word but the
+    keywords is renamed to a placeholder before parsing, so names Python would not take (CelebA's 5_o_Clock_Shadow)
+    work too, and messages name the words as written. what: the key's name in messages ("criterion", "group");
+    categorical: names that are known but hold value indices, refused here (they are factors of a product)."""
+    expr = _bounded(expr, what)
+    words = []
+
+    def placeholder(m):
+        if m[0] in _KEYWORDS:
+            return m[0]
+        words.append(m[0])
+        return f"_{len(words) - 1}"
+
+    text = _WORD.sub(placeholder, expr)
+    if max(np.cumsum([(c == "(") - (c == ")") for c in text]), default=0) > MAX_DEPTH:  # ast gives up at 200
+        raise DataError(f"{what} {expr[:40]!r}...: parentheses nested more than {MAX_DEPTH} levels deep")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise DataError(f"cannot parse the {what} {expr!r}") from None
+    word = lambda node: words[int(node.id[1:])]
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise DataError(f"{what} {expr!r}: only attribute names and & | ^ ~ not and or are allowed")
+        if isinstance(node, ast.Name) and word(node) not in names:
+            raise DataError(f"{what} {expr!r}: unknown attribute {word(node)!r} (known: {' '.join(names) or 'none'})")
+        if isinstance(node, ast.Name) and word(node) in categorical:
+            raise DataError(f"{what} {expr!r}: {word(node)} is categorical ({len(categorical[word(node)])} values), "
+                            f"not true or false; use it alone or as a factor of a product, e.g. Male*{word(node)}")
+    stack, deepest = [(tree.body, 1)], 0  # iterative: a deep tree must not reach the recursion limit right here
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack += [(child, depth + 1) for child in ast.iter_child_nodes(node) if not isinstance(child, ast.expr_context)]
+    if deepest > MAX_DEPTH:
+        raise DataError(f"{what} {expr[:40]!r}...: nested {deepest} levels deep, at most {MAX_DEPTH}")
+
+    def ev(node, attrs):
+        if isinstance(node, ast.Name):
+            return np.asarray(attrs[word(node)], bool)
+        if isinstance(node, ast.UnaryOp):
+            return ~ev(node.operand, attrs)
+        if isinstance(node, ast.BoolOp):
+            op = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+            out = ev(node.values[0], attrs)
+            for v in node.values[1:]:
+                out = op(out, ev(v, attrs))
+            return out
+        return _BINOPS[type(node.op)](ev(node.left, attrs), ev(node.right, attrs))
+
+    return lambda attrs: ev(tree.body, attrs)
+
+
+def _bounded(expr, what):
+    """The expression without its outer spaces, refused when it is too long to be meant."""
+    expr = expr.strip()
+    if len(expr) > MAX_EXPRESSION:
+        raise DataError(f"{what} {expr[:40]!r}... is {len(expr)} characters long, at most {MAX_EXPRESSION}")
+    return expr
+
+
+def _product(expr, attrs, names, values, what, gender):
+    """A product of factors "A * B * ..." -> (ids int64 [n], -1 where any factor is unknown; their names). A factor
+    is a categorical attribute (its value indices, names from `values`) or a boolean expression (0/1, named
+    not X / X, or women / men for exactly Male when `gender`). Ids are mixed radix, the first factor most
+    significant (id = g1 * K2 + g2), so Male first keeps 0 = women; names are joined with " & "."""
+    expr, values, kind = _bounded(expr, what), values or {}, "groups" if gender else "classes"
+    if attrs is None:  # load_attrs of a source that keeps none (folder, challenge, csv without attribute columns)
+        raise DataError(f"{what} {expr!r}: this data set stores no attributes")
+    factors = [f.strip() for f in expr.split("*")]
+    if not all(factors):
+        raise DataError(f"{what} {expr!r}: an empty factor; a product reads A*B, e.g. Male*Young")
+    named = dict(zip(names, (attrs > 0).T))
+    ids, out = np.zeros(len(attrs), np.int64), None
+    for f in factors:
+        if f in values:
+            fid, fnames = attrs[:, list(names).index(f)].astype(np.int64), list(values[f])
+            fid[fid >= len(fnames)] = -1  # UNKNOWN, or a code beyond the names
+        else:
+            fid = parse_criterion(f, names, what, categorical=values)(named).astype(np.int64)
+            fnames = ["women", "men"] if gender and f == "Male" else \
+                [f"not {f}" if _WORD.fullmatch(f) else f"not ({f})", f]
+        if len(fnames) * (len(out) if out else 1) > MAX_GROUPS:
+            raise DataError(f"{what} {expr!r} makes more than {MAX_GROUPS} {kind}; use fewer or smaller factors")
+        ids = np.where((ids < 0) | (fid < 0), -1, ids * len(fnames) + fid)
+        out = fnames if out is None else [f"{a} & {b}" for a in out for b in fnames]
+    return ids, out
+
+
+def labels_from_attrs(expr, attrs, names, values=None):
+    """The label of every row from its attributes (uint8 [n, A], columns `names`; `values`: meta.json's
+    attribute_values) -> (labels int64 [n], -1 where unknown; class names). expr: a boolean expression (classes
+    "not X", "X"), a categorical attribute (classes: its values) or a product of them (see groups_from_attrs)."""
+    return _product(expr, attrs, names, values, "criterion", gender=False)
+
+
+def groups_from_attrs(expr, attrs, names, values=None):
+    """The group of every row from its attributes (uint8 [n, A], columns `names`; `values`: meta.json's
+    attribute_values, {attribute: [value names]}) -> (groups int64 [n], -1 where unknown; group names).
+    expr: "none" (every row -1, no names), or a product of factors "A * B * ..." (spaces allowed), each factor a
+    categorical attribute (one group per value) or a boolean expression of attribute names (two groups: "not X",
+    "X", or "women", "men" for exactly Male). Ids are mixed radix, first factor most significant: Male*Young gives
+    women & not Young = 0, women & Young = 1, men & not Young = 2, men & Young = 3. A product of more than
+    MAX_GROUPS groups, an unknown name, an empty factor or a malformed expression raises DataError."""
+    if expr.strip().lower() == "none":
+        return np.full(len(attrs), -1, np.int64), []
+    return _product(expr, attrs, names, values, "group", gender=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,15 @@ submission and a Hub upload:
 
     python evaluate.py --ckpt runs/seed3/best.safetensors --data data/celeba --split test --out runs/seed3/eval
     python evaluate.py --ckpt ... --data data/challenge --split test --submit submission.txt
+    python evaluate.py --ckpt ... --data data/fairface --group_by=Male,Race --out runs/x/by_gender_race
+
+Groups: the data set's own (ids 0..G-1, named in its meta.json), or --group_by stored attributes. The fair score over
+G groups is mean_g acc_g - (max_g acc_g - min_g acc_g), the challenge's 0.5 (acc_women + acc_men) - |acc_women -
+acc_men| when G = 2. Groups with fewer than 30 samples are reported but flagged as too small to read, not ranked.
+Per-group thresholds on p(class 1) are fitted on val (for 2 classes) and scored beside the argmax: by default they
+maximise the fair score (an exact search over every per-group operating point); --threshold_objective=
+equal_opportunity | equalized_odds maximise accuracy with the groups' TPR (and FPR) within --threshold_tolerance.
+report.png draws the fairness-accuracy frontier those thresholds reach, with the argmax and the fitted point.
 """
 
 import csv
@@ -50,9 +59,9 @@ def predict(net, loader, img_size, desc=None, world=1, amp="none"):
 
 def split_metrics(net, loader, img_size, group_names=metrics.GROUP_NAMES, world=1, amp="none"):
     """compute_metrics of net over a whole split (each rank predicts its shard), without bootstrap CIs: what the
-    trainers report on validation and test. Per-group numbers only where the split has both groups."""
+    trainers report on validation and test. Per-group numbers only where the split has two or more groups."""
     scores, labels, groups = predict(net, loader, img_size, world=world, amp=amp)
-    return metrics.compute_metrics(scores, labels, groups, fair=metrics.has_both_groups(groups),
+    return metrics.compute_metrics(scores, labels, groups, fair=metrics.has_groups(groups),
                                    group_names=group_names, n_boot=0)
 
 
@@ -60,15 +69,19 @@ def split_metrics(net, loader, img_size, group_names=metrics.GROUP_NAMES, world=
 # CLI
 
 def plot_report(report, path):
-    """report.png: accuracy per group and per label x group cell, the fairness gaps (95% CIs where bootstrapped),
-    ROC curves and reliability diagrams per group, and each group's confusion matrix."""
+    """report.png: accuracy per group (groups too small to read hatched) and per label x group cell, the fairness
+    gaps (95% CIs where bootstrapped), the fairness-accuracy frontier of per-group thresholds, ROC curves and
+    reliability diagrams per group, and each group's confusion matrix."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report.get("group_accuracy", {}))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    (acc_ax, cell_ax, gap_ax), (roc_ax, rel_ax, cm_ax) = axes
+    fig = plt.figure(figsize=(20, 8.5))
+    grid = fig.add_gridspec(2, 4)
+    acc_ax, cell_ax, gap_ax, front_ax, roc_ax, rel_ax = (fig.add_subplot(grid[k // 4, k % 4]) for k in range(6))
+    cm_ax = fig.add_subplot(grid[1, 2:])
+    small = set(report.get("small_groups", []))
     variants = [("argmax", report)] + ([("thresholded", report["thresholded"])] if "thresholded" in report else [])
     err = lambda value, ci: np.abs(np.array(ci, dtype=float).reshape(-1, 2).T - np.array(value, dtype=float))
     if names:
@@ -77,8 +90,11 @@ def plot_report(report, path):
             ci = [m["group_accuracy_ci"][n] for n in names] if "group_accuracy_ci" in m else None
             fair = f": fair {m['fair_score']:.3f}" if "fair_score" in m else ""
             acc_ax.bar(np.arange(len(names)) + 0.4 * k, acc, width=0.4, label=label + fair, capsize=4,
-                       yerr=None if ci is None else err(acc, ci))
-        acc_ax.set_xticks(np.arange(len(names)) + 0.2 * (len(variants) - 1), names)
+                       yerr=None if ci is None else err(acc, ci), color=f"C{k}",
+                       hatch=["//" if n in small else "" for n in names])
+        acc_ax.set_xticks(np.arange(len(names)) + 0.2 * (len(variants) - 1),
+                          [f"{n}\nn={report['groups'][n]['n']}" for n in names], rotation=20 if len(names) > 3 else 0,
+                          fontsize=7)
         acc_ax.set_ylim(max(0.0, min(report["group_accuracy"].values()) - 0.2), 1.0)
         acc_ax.legend(fontsize=7, loc="lower right")
         cells = report["cell_accuracy"]
@@ -94,9 +110,11 @@ def plot_report(report, path):
         gap_ax.barh(range(len(gap_keys)), values, xerr=err(values, ci) if gap_keys else None, capsize=4)
         gap_ax.set_yticks(range(len(gap_keys)), [k.replace("_", " ") for k in gap_keys], fontsize=7)
         gap_ax.set(title="between-group differences (0 = parity)", xlim=(0, None))
-        acc_ax.set(title=f"accuracy {report['accuracy']:.3f}; per group (95% CI)", ylabel="accuracy")
+        title = f"accuracy {report['accuracy']:.3f}; per group (95% CI)"
+        acc_ax.set(title=title + (f"; hatched: n < {metrics.SMALL_GROUP}" if small else ""), ylabel="accuracy")
+        plot_frontier(front_ax, report.get("frontier"))
     else:  # no groups in this split: the top row has nothing to show
-        for ax in (acc_ax, cell_ax, gap_ax):
+        for ax in (acc_ax, cell_ax, gap_ax, front_ax):
             ax.set_axis_off()
         acc_ax.text(0, 0.5, f"accuracy {report['accuracy']:.4f}\nF1 {report['f1']:.4f}\n(no group labels)",
                     fontsize=14, va="center")
@@ -132,6 +150,22 @@ def plot_report(report, path):
     plt.close(fig)
 
 
+def plot_frontier(ax, frontier):
+    """Mean group accuracy against the between-group accuracy gap: the Pareto front per-group thresholds reach on
+    this split, the argmax rule's point and the point of the thresholds in use (fitted on val)."""
+    if not frontier:
+        ax.set_axis_off()
+        return
+    mean, gap = zip(*frontier["points"])
+    ax.step(gap, mean, where="post", color="grey", marker=".", label="frontier (thresholds fitted on this split)")
+    ax.plot(*frontier["argmax"][::-1], "o", color="C0", markersize=9, label="argmax")
+    if "thresholded" in frontier:
+        ax.plot(*frontier["thresholded"][::-1], "*", color="C1", markersize=13, label="thresholds fitted on val")
+    ax.set(title="fairness-accuracy frontier", xlabel="accuracy gap (max - min over groups)",
+           ylabel="mean group accuracy")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def print_table(report):
     """The headline numbers; report.json holds everything."""
     names = list(report.get("group_accuracy", {}))
@@ -152,10 +186,20 @@ def print_table(report):
                 print(f"{'':11s} EO difference {m['equalized_odds_difference']:.4f}"
                       f"{ci(m, 'equalized_odds_difference')}  DP difference "
                       f"{m['demographic_parity_difference']:.4f}{ci(m, 'demographic_parity_difference')}")
+    small = report.get("small_groups", [])
+    if len(names) > 2 or small:  # many groups: ranked, each with its n and CI; the unreadable ones apart
+        ranked = sorted((n for n in names if n not in small), key=report["group_accuracy"].get)
+        print("groups, worst first (argmax; n, accuracy, 95% CI):")
+        for n in ranked + small:
+            acc_ci = report.get("group_accuracy_ci", {}).get(n)
+            print(f"  {n:24s} n={report['groups'][n]['n']:<6d} {report['group_accuracy'][n]:.4f}"
+                  + (f" [{acc_ci[0]:.3f}, {acc_ci[1]:.3f}]" if acc_ci else "")
+                  + (f"  too small to read (n < {metrics.SMALL_GROUP}), not ranked" if n in small else ""))
     if "thresholds" in report:
-        t = {n: v for n, v in report["thresholds"].items() if n != "fitted_on"}
-        print(f"thresholds on p(class 1), from {report['thresholds']['fitted_on']}: "
-              + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
+        t = {n: report["thresholds"][n] for n in report["group_names"] if n in report["thresholds"]}
+        how = report["thresholds"].get("objective", "")
+        print(f"thresholds on p(class 1), from {report['thresholds']['fitted_on']}"
+              f"{f' ({how})' if how else ''}: " + ", ".join(f"{n} {v:.3f}" for n, v in t.items()))
 
 
 # the CLI's config: --key=value overrides (configurator.py's convention)
@@ -168,6 +212,9 @@ CLI = dict(
     submit="",  # write challenge-format predictions (-1/1 per line, split order) to this file
     submit_thresholds=False,  # --submit decides with the per-group thresholds (fitted on val, or from --thresholds)
     thresholds="",  # a report.json of an earlier run: reuse its per-group thresholds instead of fitting on val
+    threshold_objective="fair",  # what val-fitted thresholds maximise: fair score | accuracy with TPR (and FPR) parity
+    threshold_tolerance=0.05,  # equal_opportunity, equalized_odds: the largest TPR / FPR difference between groups
+    group_by="",  # regroup by stored attributes, no rebuild: Male,Young (intersections) | Race (categorical) | none
     card=False,  # also write a Hugging Face model card (out_dir/README.md) from this report
     push_to_hub="",  # a Hub repo id: upload model.safetensors, README.md (the card) and config.json there
     batch_size=256,  # images per forward pass
@@ -180,7 +227,7 @@ CLI = dict(
 
 def parse_args(argv):
     cfg = configurator.parse(argv, CLI, __file__, aliases={"data": "data_dir", "out": "out_dir"}, required=("ckpt",),
-                             choices={"amp": ("bf16", "none")})
+                             choices={"amp": ("bf16", "none"), "threshold_objective": metrics.THRESHOLD_OBJECTIVES})
     if bool(cfg["data_dir"]) == bool(cfg["images"]):
         raise UserError("give exactly one of --data_dir (a data.py folder) and --images (files or a folder)")
     if cfg["images"] and (cfg["submit"] or cfg["card"] or cfg["push_to_hub"]):
@@ -189,17 +236,26 @@ def parse_args(argv):
         raise UserError("--card and --push_to_hub need --out_dir (the card is written there first)")
     if cfg["n_boot"] < 0 or cfg["batch_size"] < 1:
         raise UserError("--n_boot must be >= 0 and --batch_size >= 1")
+    configurator.require(cfg, "threshold_tolerance", lambda v: 0 <= v <= 1, "a rate difference in 0..1")
     return SimpleNamespace(**cfg)
 
 
-def read_thresholds(path, names):
-    """Per-group thresholds [t_0, t_1] saved by an earlier run in its report.json."""
+def read_thresholds(path, names, classes):
+    """Per-group thresholds [t_0, ..., t_{G-1}] saved by an earlier run in its report.json, checked to be the same
+    task (class names) and the same groups, each in [0, 1]."""
     try:
-        saved = json.loads(Path(path).read_text())["thresholds"]
-        return [float(saved[n]) for n in names[:2]]
+        report = json.loads(Path(path).read_text())
+        saved = report["thresholds"]
+        values = [float(saved[n]) for n in names]
     except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, or not an evaluate.py report
-        raise UserError(f"--thresholds={path}: no per-group thresholds for {', '.join(names[:2])} in it "
-                                     f"({e!r})") from None
+        raise UserError(f"--thresholds={path}: no per-group thresholds for {', '.join(names)} in it "
+                        f"({type(e).__name__}: {e})") from None
+    extra = sorted(set(saved) - set(names) - {"fitted_on", "objective", "tolerance"})
+    if extra or report.get("classes", classes) != classes:
+        raise UserError(f"--thresholds={path} is for other groups or classes ({', '.join(extra) or report['classes']})")
+    if not all(0 <= v <= 1 for v in values):
+        raise UserError(f"--thresholds={path}: thresholds are probabilities in [0, 1], got {values}")
+    return values
 
 
 def write_predictions(path, scores, labels, groups, thresholds, files=None):
@@ -252,6 +308,9 @@ def model_card(report, ck_meta, meta):
         if "fair_score" in report:
             lines.append(f"- Fair score (mean group accuracy minus the gap): {report['fair_score']:.4f}"
                          f"{ci('fair_score')}.")
+        if report.get("small_groups"):
+            lines.append(f"- Too few test samples to read (n < {metrics.SMALL_GROUP}): "
+                         f"{', '.join(report['small_groups'])}; their numbers are not evidence either way.")
         lines.append(f"- Worst label x group cell: {report['worst_group']}, accuracy "
                      f"{report['worst_group_accuracy']:.4f}{ci('worst_group_accuracy')}; mean over cells "
                      f"{report['mean_cell_accuracy']:.4f}.")
@@ -347,44 +406,65 @@ def check_split(args, net, ck_meta, meta):
     return has_labels
 
 
+def regroup(args, meta, split):
+    """--group_by: the split's groups from its stored attributes (data.groups_from_attrs) -> (groups, names)."""
+    attrs, names = data.load_attrs(args.data_dir, split)
+    if attrs is None:
+        raise UserError(f"--group_by={args.group_by}: {args.data_dir} stores no attributes to group by")
+    expr = args.group_by.replace(",", "*")  # Male,Young: the intersections, as the product Male*Young
+    groups, group_names = data.groups_from_attrs(expr, attrs, names, meta.get("attribute_values", {}))
+    return torch.from_numpy(groups), group_names
+
+
 def score_split(args, net, runner, ck_meta, device):
     """--data_dir: score a split (metrics, CIs, per-group thresholds fitted on val) -> report.json, report.png,
     predictions.csv, and on request the model card, a challenge submission and a Hub upload."""
     meta = data.read_meta(args.data_dir)
     if args.split not in meta["splits"]:
-        raise UserError(f"split '{args.split}' is not in {args.data_dir} (it has: "
-                                     f"{', '.join(meta['splits'])})")
+        raise UserError(f"split '{args.split}' is not in {args.data_dir} (it has: {', '.join(meta['splits'])})")
     data.read_meta(args.data_dir, splits={args.split, "val"} & set(meta["splits"]))  # the files predict will read
     has_labels = check_split(args, net, ck_meta, meta)
     classes, names = meta["classes"], meta.get("groups") or list(metrics.GROUP_NAMES)
+    if args.group_by:  # checked (names, attributes) before any prediction
+        test_groups, names = regroup(args, meta, args.split)
     img_size = net.config_dict()["img_size"]
-    thresholds = read_thresholds(args.thresholds, names) if args.thresholds else None
+    thresholds = read_thresholds(args.thresholds, names, classes) if args.thresholds else None
 
     loader = lambda split: data.make_loader(args.data_dir, split, args.batch_size, train=False, device=device)
     scores, labels, groups = predict(runner, loader(args.split), img_size, desc=f"predict {args.split}",
                                      amp=args.amp)
-    fair = metrics.has_both_groups(groups)
+    if args.group_by:
+        groups = test_groups
+    fair = metrics.has_groups(groups)
     if has_labels and not fair:
-        print(f"split '{args.split}' of {args.data_dir} does not hold both groups: overall metrics only")
+        print(f"split '{args.split}' of {args.data_dir} does not hold two groups: overall metrics only")
     if thresholds is None and len(classes) == 2 and "val" in meta["splits"]:
         # post-processing: thresholds fitted on val (on val itself the thresholded score is optimistic)
         val = (scores, labels, groups) if args.split == "val" else \
             predict(runner, loader("val"), img_size, "val", amp=args.amp)
-        if bool((val[1] >= 0).all()) and metrics.has_both_groups(val[2]):
-            thresholds = metrics.fit_group_thresholds(*val)
+        if args.group_by and args.split != "val":
+            val = (*val[:2], regroup(args, meta, "val")[0])
+        if bool((val[1] >= 0).all()) and metrics.has_groups(val[2]):
+            thresholds = metrics.fit_group_thresholds(*val, n_groups=len(names), objective=args.threshold_objective,
+                                                      tolerance=args.threshold_tolerance)
     if args.submit_thresholds and thresholds is None:
-        raise UserError("--submit_thresholds needs --thresholds=REPORT.json or a labelled val split with "
-                                     "both groups")
+        raise UserError("--submit_thresholds needs --thresholds=REPORT.json or a labelled val split with two or more "
+                        "groups")
 
-    report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split}
+    report = {"ckpt": args.ckpt, "data": args.data_dir, "split": args.split, "classes": classes, "group_names": names,
+              **({"group_by": args.group_by} if args.group_by else {})}
     if thresholds is not None:
-        report["thresholds"] = {**dict(zip(names, thresholds)), "fitted_on": args.thresholds or "val"}
+        report["thresholds"] = {**dict(zip(names, thresholds)), "fitted_on": args.thresholds or "val",
+                                **({} if args.thresholds else {"objective": args.threshold_objective,
+                                                               "tolerance": args.threshold_tolerance})}
     if has_labels:
         report |= metrics.compute_metrics(scores, labels, groups, fair=fair, group_names=names, class_names=classes,
-                                  n_boot=args.n_boot, curves=True)
+                                          n_boot=args.n_boot, curves=True)
         if fair and thresholds is not None:
             report["thresholded"] = metrics.compute_metrics(scores, labels, groups, thresholds, group_names=names,
-                                                    class_names=classes, n_boot=args.n_boot)
+                                                            class_names=classes, n_boot=args.n_boot)
+        if fair and len(classes) == 2:
+            report["frontier"] = frontier_report(scores, labels, groups, thresholds)
         print_table(report)
     if args.submit:
         decided = metrics.decide(scores, groups, thresholds) if args.submit_thresholds else metrics.decide(scores)
@@ -397,6 +477,18 @@ def score_split(args, net, runner, ck_meta, device):
         push_to_hub(args.push_to_hub, args.ckpt, args.out_dir,
                     {"model": net.config_dict(), "arch": net.arch, "classes": classes, "groups": names,
                      "criterion": meta.get("criterion"), "image_size": meta["image_size"]})
+
+
+def frontier_report(scores, labels, groups, thresholds):
+    """The fairness-accuracy frontier of per-group thresholds on this split (metrics.frontier), with the points of
+    the argmax rule and of the thresholds in use: each [mean group accuracy, max - min group accuracy]."""
+    def point(pred):
+        acc = list(metrics.group_accuracies(pred, labels, groups).values())
+        return [float(np.mean(acc)), float(max(acc) - min(acc))]
+    out = {"points": metrics.frontier(scores, labels, groups), "argmax": point(metrics.decide(scores))}
+    if thresholds is not None:
+        out["thresholded"] = point(metrics.decide(scores, groups, thresholds))
+    return out
 
 
 def write_outputs(args, report, ck_meta, meta, predictions, thresholds, has_labels):

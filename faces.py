@@ -8,6 +8,11 @@ attributes into labels and splits; bench.py and the tests draw faces directly.
 
     attrs = synth_attributes(n, rng, cells, glasses_share, both)    # uint8 [n, len(SYNTH_ATTRS)]
     images = draw_faces(attrs, rng, size=80)                        # uint8 [n, size, size, 3]
+
+With skin_tones=K (2..8) every face also gets a skin tone bin 0..K-1, a last attribute column SKIN_ATTR drawn
+independently of the label and the gender: the darkest bin holds DARKEST_SHARE of the faces and is lit dimly through
+a veil (less light, less contrast), so its hair colour and glasses are harder to see: a small group that scores
+lower, for the k-group checks. K = 0 (the default) draws exactly what it drew before the tones existed.
 """
 
 import math
@@ -21,6 +26,9 @@ BLOND = np.array([(238, 218, 165), (224, 192, 122), (203, 168, 98), (246, 232, 1
 OTHER_HAIR = np.array([(28, 22, 20), (62, 42, 30), (98, 66, 42), (132, 64, 34), (150, 148, 145), (208, 206, 200),
                        (120, 90, 60)], np.float32)  # black, dark/mid brown, auburn, grey, white, light brown
 SKIN = np.array([(252, 224, 198), (96, 60, 42)], np.float32)  # lightest, darkest; tones are mixed in between
+SKIN_ATTR, SKIN_TONES = "Skin", range(2, 9)  # the tone bin's attribute name; the bin counts allowed
+DARKEST_SHARE = 0.1  # of the faces in the darkest tone bin; the other bins share the rest equally
+DARK_GAIN, DARK_VEIL = 0.55, 45.0  # the darkest bin's light: exposure x0.55, plus a flat grey veil (lower contrast)
 FRAMES = np.array([(18, 18, 20), (70, 44, 30), (196, 164, 84), (172, 172, 178), (128, 24, 34), (30, 40, 110)],
                   np.float32)  # black, tortoise, gold, silver, red, blue
 
@@ -33,10 +41,18 @@ def cell_counts(fracs, n):
     return counts
 
 
-def synth_attributes(n, rng, cells, glasses_share, both):
-    """uint8 [n, len(SYNTH_ATTRS)]. `cells` = fractions of (xor 0, women), (1, women), (0, men), (1, men);
-    `glasses_share` = fraction of positives that wear glasses (the rest are blond); `both` = fraction of negatives
-    that are blond AND wear glasses (the case that tells XOR from OR).
+def tone_names(skin_tones):
+    """The names of the skin tone bins, lightest first: the values of the categorical attribute SKIN_ATTR."""
+    return [f"tone {k + 1}" + (" (lightest)" if k == 0 else " (darkest)" if k == skin_tones - 1 else "")
+            for k in range(skin_tones)]
+
+
+def synth_attributes(n, rng, cells, glasses_share, both, skin_tones=0):
+    """uint8 [n, len(SYNTH_ATTRS)], plus the column SKIN_ATTR (tone bin 0..skin_tones-1) when skin_tones > 0.
+    `cells` = fractions of (xor 0, women), (1, women), (0, men), (1, men); `glasses_share` = fraction of positives
+    that wear glasses (the rest are blond); `both` = fraction of negatives that are blond AND wear glasses (the case
+    that tells XOR from OR). The tone is drawn last, from its own share per bin, so it is independent of the label and
+    the gender and leaves every earlier draw as it was without tones.
 
     The command line's defaults (sources.SYNTHETIC) follow CelebA (blond ~15%, glasses ~6.5%: about 30% of the XOR
     positives wear glasses), except that `both` is 10x CelebA's ~0.5%, so the cell that tells XOR from OR holds 4% of
@@ -51,18 +67,28 @@ def synth_attributes(n, rng, cells, glasses_share, both):
     beard = male & (rng.random(n) < 0.4)
     lipstick = ~male & (rng.random(n) < 0.5)
     sunglasses = glasses & (rng.random(n) < 0.15)
-    return np.stack([blond, glasses, male, long_hair, beard, lipstick, sunglasses], 1).astype(np.uint8)
+    columns = [blond, glasses, male, long_hair, beard, lipstick, sunglasses]
+    if skin_tones:
+        share = [(1 - DARKEST_SHARE) / (skin_tones - 1)] * (skin_tones - 1) + [DARKEST_SHARE]
+        columns.append(rng.permutation(np.repeat(np.arange(skin_tones), cell_counts(share, n))))
+    return np.stack(columns, 1).astype(np.uint8)
 
 
-def _face_params(attrs, rng, size, shift):
-    """Everything random about each face, drawn vectorised. `shift` > 0 makes light, noise, blur and pose harsher."""
+def _face_params(attrs, rng, size, shift, skin_tones):
+    """Everything random about each face, drawn vectorised. `shift` > 0 makes light, noise, blur and pose harsher;
+    skin_tones > 0: attrs' last column is the tone bin, which sets the skin colour's range and the darkest bin's
+    dim light."""
     n = len(attrs)
-    blond, glasses, male, long_hair, beard, lipstick, sunglasses = attrs.T.astype(bool)
+    blond, glasses, male, long_hair, beard, lipstick, sunglasses = attrs[:, :len(SYNTH_ATTRS)].T.astype(bool)
+    tone = attrs[:, len(SYNTH_ATTRS)] if skin_tones else None
     u = lambda lo, hi, k=None: rng.uniform(lo, hi, n if k is None else (n, k)).astype(np.float32)
     pick = lambda palette: palette[rng.integers(len(palette), size=n)]
     jitter = lambda c, s: np.clip(c + rng.normal(0, s, (n, 3)), 0, 255).astype(np.float32)
     hair = jitter(np.where(blond[:, None], pick(BLOND), pick(OTHER_HAIR)), 10)
-    skin = jitter(SKIN[0] + (SKIN[1] - SKIN[0]) * u(0, 1)[:, None] ** 1.5, 6)
+    # without tones, light skin is commoner (u ** 1.5); with tones, each bin spans its equal part of the range
+    shade = u(0, 1) ** 1.5 if tone is None else (tone + u(0, 1)) / skin_tones
+    skin = jitter(SKIN[0] + (SKIN[1] - SKIN[0]) * shade[:, None], 6)
+    dark = np.zeros(n, bool) if tone is None else tone == skin_tones - 1
     lips = np.where(lipstick[:, None], jitter(np.float32([(175, 25, 45)]), 20), skin * np.float32([0.85, 0.6, 0.6]))
     fw = size * 0.18 * u(0.88, 1.12) * np.where(male, 1.07, 1.0)
     return dict(
@@ -78,7 +104,8 @@ def _face_params(attrs, rng, size, shift):
         eye=pick(np.array([(40, 28, 20), (70, 50, 30), (60, 90, 120), (70, 100, 60)], np.float32)),
         frame=jitter(pick(FRAMES), 8), lens_r=u(0.26, 0.34), lens_aspect=u(0.7, 1.0), frame_th=rng.integers(1, 3, n),
         blur=u(0, 0.9) + shift, light_angle=u(0, 2 * np.pi), light=u(0, 0.35) + 0.3 * shift,
-        gain=u(0.8, 1.15) - 0.25 * shift, noise=u(2, 7) + 8 * shift,
+        gain=(u(0.8, 1.15) - 0.25 * shift) * np.where(dark, DARK_GAIN, 1).astype(np.float32),
+        veil=np.where(dark, DARK_VEIL, 0).astype(np.float32), noise=u(2, 7) + 8 * shift,
     )
 
 
@@ -141,11 +168,12 @@ def _draw_face(img, f):
         cv2.GaussianBlur(img, (0, 0), f["blur"], dst=img)
 
 
-def draw_faces(attrs, rng, size=80, shift=0.0, chunk=32):
-    """uint8 [n, size, size, 3] faces showing `attrs` (rows of SYNTH_ATTRS). Shapes are drawn per image with cv2
-    (fast C primitives); background, light and noise are computed with numpy a chunk of images at a time (small
-    enough to stay in cache, which makes them several times faster than over the whole batch)."""
-    p = _face_params(attrs, rng, size, shift)
+def draw_faces(attrs, rng, size=80, shift=0.0, chunk=32, skin_tones=0):
+    """uint8 [n, size, size, 3] faces showing `attrs` (rows of SYNTH_ATTRS, then the tone bin when skin_tones > 0).
+    Shapes are drawn per image with cv2 (fast C primitives); background, light and noise are computed with numpy a
+    chunk of images at a time (small enough to stay in cache, which makes them several times faster than over the
+    whole batch)."""
+    p = _face_params(attrs, rng, size, shift, skin_tones)
     rows = {k: v.tolist() for k, v in p.items()}
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     ramp = lambda angle: np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy  # [n, H, W] in +-0.71
@@ -160,6 +188,6 @@ def draw_faces(attrs, rng, size=80, shift=0.0, chunk=32):
         light = p["gain"][j, None, None] * (1 + p["light"][j, None, None] * ramp(p["light_angle"][j]))  # exposure
         x = rng.standard_normal(out[j].shape, np.float32)  # sensor noise
         x *= p["noise"][j, None, None, None]
-        x += out[j] * light[..., None]
+        x += out[j] * light[..., None] + p["veil"][j, None, None, None]
         out[j] = np.clip(x, 0, 255, out=x)
     return out

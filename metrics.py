@@ -1,18 +1,21 @@
 """Fairness metrics of a classifier's predictions, for any number of groups: numpy and torch, nothing else.
 
-The challenge's metric: fair = 0.5 * (acc_women + acc_men) - |acc_women - acc_men|.
-Groups follow data.py: 0 = women, 1 = men, -1 = unknown (left out of per-group numbers, kept in overall ones).
+The fair score over G groups: fair = mean_g acc_g - (max_g acc_g - min_g acc_g). For G = 2 it is the challenge's
+metric, 0.5 * (acc_women + acc_men) - |acc_women - acc_men|. Groups follow data.py: ids 0..G-1 (two groups: 0 = women,
+1 = men), -1 = unknown (left out of per-group numbers, kept in overall ones).
 Names follow fairlearn where fairlearn has the metric (selection rate, TPR, FPR, demographic parity and equalized odds
 differences), and the label x group cells are those of the group-robustness literature (worst-group accuracy).
 Offers: group_accuracies, fair_score, confusion, f1, rates, auroc, roc_curve, calibration, gaps, cell_accuracies,
-bootstrap_ci, positive_prob, decide, fit_group_thresholds, has_both_groups, SELECT and selection_score (the one
-best-checkpoint rule), and compute_metrics (all of them for one split, as report.json and log.jsonl hold them).
+bootstrap_ci, positive_prob, decide, fit_group_thresholds and frontier (per-group thresholds), has_groups, SELECT and
+selection_score (the one best-checkpoint rule), and compute_metrics (all of them for one split, as report.json and
+log.jsonl hold them).
 """
 
 import numpy as np
 import torch
 
-GROUP_NAMES = ("women", "men")  # index = group id
+GROUP_NAMES = ("women", "men")  # index = group id, for data without group names
+SMALL_GROUP = 30  # a group or cell with fewer test samples is flagged as too small to read, not ranked
 
 
 def _np(x):
@@ -28,16 +31,19 @@ def group_accuracies(pred, label, group):
     return {int(g): float((pred[group == g] == label[group == g]).mean()) for g in np.unique(group[group >= 0])}
 
 
-def _fair(acc_women, acc_men):
-    # elementwise, so the bootstrap and the threshold search can score whole arrays of accuracy pairs at once
-    return 0.5 * (acc_women + acc_men) - np.abs(acc_women - acc_men)
+def _fair(acc):
+    """The fair score of accuracies [..., G] over the last axis: elementwise over the rest, so the bootstrap and the
+    threshold search score whole arrays at once. mean - (max - min); for G = 2, 0.5 (a + b) - |a - b| exactly."""
+    acc = np.asarray(acc, dtype=np.float64)
+    return acc.mean(-1) - (acc.max(-1) - acc.min(-1))
 
 
 def fair_score(acc):
-    """The challenge metric from group_accuracies' dict; defined only for exactly the two groups 0 and 1."""
-    if sorted(acc) != [0, 1]:
-        raise ValueError(f"the fair score needs exactly two groups (0 = women, 1 = men); got groups {sorted(acc)}")
-    return float(_fair(acc[0], acc[1]))
+    """The fair score from group_accuracies' dict: mean_g acc_g - (max_g acc_g - min_g acc_g), for 2 or more groups
+    (for two it is the challenge's 0.5 * (acc_women + acc_men) - |acc_women - acc_men|)."""
+    if len(acc) < 2:
+        raise ValueError(f"the fair score needs two or more groups; got groups {sorted(acc)}")
+    return float(_fair(list(acc.values())))
 
 
 def confusion(pred, label, num_classes=2):
@@ -100,15 +106,18 @@ def calibration(confidence, correct, bins=15):
 
 
 def gaps(by_group):
-    """fairlearn's between-group differences (max - min over groups, fairlearn's default method) of per-group rates:
-    demographic parity difference and ratio (selection rate), equalized odds difference (the larger of the TPR and
-    FPR differences; `_mean`: their mean), equal opportunity difference (TPR) and the accuracy difference."""
+    """fairlearn's between-group differences (max - min over groups, fairlearn's default method) and ratios (min / max;
+    nan when max is 0) of per-group rates: demographic parity difference and ratio (selection rate), equalized odds
+    difference (the larger of the TPR and FPR differences; `_mean`: their mean) and ratio (the smaller of the TPR and
+    FPR ratios, nan when the TPR ratio is, as fairlearn's min() gives), equal opportunity difference (TPR) and the
+    accuracy difference."""
     col = lambda k: np.array([m[k] for m in by_group.values()])
     diff = lambda k: float(col(k).max() - col(k).min())
-    sr = col("selection_rate")
+    ratio = lambda k: float(col(k).min() / col(k).max()) if col(k).max() > 0 else float("nan")
     return {"demographic_parity_difference": diff("selection_rate"),
-            "demographic_parity_ratio": float(sr.min() / sr.max()) if sr.max() > 0 else float("nan"),
+            "demographic_parity_ratio": ratio("selection_rate"),
             "equalized_odds_difference": max(diff("tpr"), diff("fpr")),
+            "equalized_odds_ratio": min(ratio("tpr"), ratio("fpr")) if not np.isnan(ratio("tpr")) else float("nan"),
             "equalized_odds_difference_mean": (diff("tpr") + diff("fpr")) / 2,
             "equal_opportunity_difference": diff("tpr"), "accuracy_difference": diff("accuracy")}
 
@@ -142,8 +151,8 @@ def bootstrap_ci(pred, label, group, num_classes=2, n_boot=1000, seed=0, level=0
         per_cell = [counts[:, g, y, y] / counts[:, g, y].sum(1) for y, g in cell_accuracies(pred, label, group)]
         out = {"group_accuracy": {g: ci(a) for g, a in acc.items()},
                "worst_group_accuracy": ci(np.nanmin(np.stack(per_cell), 0)) if per_cell else None}
-        if present == [0, 1]:
-            out["fair_score"] = ci(_fair(acc[0], acc[1]))
+        if len(present) >= 2:
+            out["fair_score"] = ci(_fair(np.stack([acc[g] for g in present], -1)))
         if C == 2 and len(present) > 1:
             rate = lambda a, b: np.nan_to_num(a / b)  # an empty denominator gives 0, as in rates()
             c = counts[:, present]
@@ -163,53 +172,159 @@ def positive_prob(scores):
 
 
 def decide(scores, group=None, thresholds=None):
-    """argmax, or with thresholds ([t_women, t_men]) class 1 iff p(class 1) > t of the sample's group.
+    """argmax, or with thresholds (one per group id: [t_0, t_1, ...]) class 1 iff p(class 1) > t of the sample's group.
 
-    Unknown groups use 0.5; p > 0.5 is the argmax rule of two logits (a tie goes to class 0, as argmax does).
+    Unknown groups (-1) and group ids beyond the list use 0.5; p > 0.5 is the argmax rule of two logits (a tie goes to
+    class 0, as argmax does).
     """
     if thresholds is None:
         return _np(torch.as_tensor(scores).argmax(1))
-    group = _np(group)
-    t = np.where(group >= 0, np.asarray(thresholds, dtype=np.float64)[np.clip(group, 0, 1)], 0.5)
+    group, thresholds = _np(group).astype(np.int64), np.asarray(thresholds, dtype=np.float64)
+    known = (group >= 0) & (group < len(thresholds))
+    t = np.where(known, thresholds[np.where(known, group, 0)], 0.5)
     return (positive_prob(scores) > t).astype(np.int64)
 
 
-def _accuracy_per_threshold(p, y):
-    """Every decision a threshold can make on one group: (thresholds, accuracies), one per distinct accuracy.
-
-    Candidates are the probabilities themselves (rule p > t) plus 0 and 0.5; among thresholds giving the same
-    accuracy we keep the one closest to 0.5, the least surprising choice.
-    """
+def _operating_points(p, y):
+    """Every decision a threshold can make on one group's probabilities p and labels y, as the rule p > t:
+    (thresholds ascending, correct decisions, TPR, FPR), one row per candidate t (the p themselves, 0 and 0.5).
+    TPR and FPR never rise with t; a rate with no denominator is 0, as in rates()."""
     t = np.unique(np.concatenate([[0.0, 0.5], p]))
     neg, pos = np.sort(p[y == 0]), np.sort(p[y == 1])
-    acc = (np.searchsorted(neg, t, "right") + len(pos) - np.searchsorted(pos, t, "right")) / len(p)
+    tn = np.searchsorted(neg, t, "right")  # negatives with p <= t: decided 0, right
+    tp = len(pos) - np.searchsorted(pos, t, "right")
+    return t, tn + tp, tp / max(len(pos), 1), (len(neg) - tn) / max(len(neg), 1)
+
+
+def _accuracy_levels(p, y):
+    """One group's distinct accuracies, ascending, each with the threshold that gives it closest to 0.5 (the least
+    surprising choice among equals): (thresholds, accuracies)."""
+    t, correct, _, _ = _operating_points(p, y)
     order = np.argsort(np.abs(t - 0.5), kind="stable")
-    acc, first = np.unique(acc[order], return_index=True)  # ascending accuracy
+    acc, first = np.unique(correct[order] / len(p), return_index=True)
     return t[order][first], acc
 
 
-def fit_group_thresholds(scores, label, group):
-    """Per-group thresholds [t_women, t_men] on p(class 1) that maximise the fair score on these (val) scores.
+def _fair_sweep(levels):
+    """The exact fair-score search over G groups' accuracy levels [(thresholds, accuracies ascending), ...].
 
-    For a fixed a_women the fair score rises with a_men (slope 1.5) up to a_men = a_women and falls after it
-    (slope -0.5), so the best partner of each women's accuracy is the nearest men's accuracy on either side:
-    a sorted search instead of trying all pairs.
-    """
+    Take the best thresholds' accuracies a*_g and their maximum M. Giving every group instead its best accuracy at
+    most M keeps the maximum at M and raises no group's accuracy less, so it scores at least as well: the optimum is
+    among the G-vectors "each group's best accuracy <= hi" for hi over every accuracy some group can reach, an
+    O(H G) sweep. -> (accuracies [G, H] and threshold indices [G, H] of the valid hi, every group reaching one)."""
+    his = np.unique(np.concatenate([a for _, a in levels]))
+    idx = np.stack([np.searchsorted(a, his, "right") - 1 for _, a in levels])  # -1: the group has nothing <= hi
+    valid = (idx >= 0).all(0)
+    idx = idx[:, valid]
+    return np.stack([a[i] for (_, a), i in zip(levels, idx)]), idx
+
+
+def _range_argmax(values):
+    """A sparse table over values [n]: query(lo, hi) -> the index of the first maximum of values[lo..hi], for arrays
+    of inclusive ranges (lo <= hi), in O(1) per range after O(n log n) set-up."""
+    table, span = [np.arange(len(values))], 1
+    while 2 * span <= len(values):  # level k: the first maximum of values[i .. i + 2^k - 1]
+        prev = table[-1]
+        right = np.r_[prev[span:], np.repeat(prev[-1:], span)]  # the padding is never read by a valid range
+        table.append(np.where(values[right] > values[prev], right, prev))
+        span *= 2
+    table = np.stack(table)
+
+    def query(lo, hi):
+        k = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+        a, b = table[k, lo], table[k, hi - (1 << k) + 1]
+        return np.where(values[b] > values[a], b, a)
+    return query
+
+
+RATE_EDGES = (2000, 400)  # lower window edges the constrained searches try at most: one rate, two rates (pairs)
+
+
+def _edges(rates, cap):
+    values = np.unique(np.concatenate(rates))
+    return values if len(values) <= cap else np.quantile(values, np.linspace(0, 1, cap))
+
+
+def _constrained(points, constrain_fpr, tolerance):
+    """Per-group thresholds maximising the number of right decisions with every group's TPR (and with constrain_fpr
+    its FPR) inside one window [lo, lo + tolerance]: the between-group difference of those rates is then at most
+    the tolerance. For a window, the thresholds a group may use are a contiguous run (its rates never rise with t),
+    so each group's best one is a range maximum; lo runs over every rate some group reaches, which makes the search
+    exact (above RATE_EDGES distinct rates, over that many quantiles of them: then it may miss the best by a little).
+    A window always fits: at its top threshold every group decides 0 everywhere (TPR = FPR = 0). -> the threshold
+    index per group."""
+    queries = [_range_argmax(correct) for _, correct, _, _ in points]
+
+    def run(rate_of):  # -> [(first, last) index arrays over the lower edges], for one rate
+        runs, edges = [], _edges([pt[rate_of] for pt in points], RATE_EDGES[constrain_fpr])
+        for pt in points:
+            r = -pt[rate_of]  # ascending in t
+            runs.append((np.searchsorted(r, -(edges + tolerance) - 1e-12, "left"),
+                         np.searchsorted(r, -edges + 1e-12, "right") - 1))
+        return runs
+
+    windows = run(2)
+    if constrain_fpr:  # every pair of a TPR window and an FPR window: their runs' intersection
+        fpr = run(3)
+        windows = [(np.maximum(a0[:, None], b0[None]).ravel(), np.minimum(a1[:, None], b1[None]).ravel())
+                   for (a0, a1), (b0, b1) in zip(windows, fpr)]
+    ok = np.all([first <= last for first, last in windows], 0)
+    best = [q(first[ok], last[ok]) for q, (first, last) in zip(queries, windows)]
+    total = np.sum([pt[1][b] for pt, b in zip(points, best)], 0)
+    w = int(np.argmax(total))
+    return [int(b[w]) for b in best]
+
+
+THRESHOLD_OBJECTIVES = ("fair", "equal_opportunity", "equalized_odds")
+
+
+def fit_group_thresholds(scores, label, group, n_groups=None, objective="fair", tolerance=0.05):
+    """Per-group thresholds [t_0, ..., t_{G-1}] on p(class 1), fitted on these (val) scores, for any number of groups.
+
+    objective="fair": maximise the fair score (mean_g acc_g - (max_g acc_g - min_g acc_g)); an exact search
+    (_fair_sweep). "equal_opportunity" / "equalized_odds": maximise accuracy over the known-group samples with the
+    groups' TPR (and FPR) differences at most `tolerance`; an exact search over rate windows (_constrained).
+    Groups absent here (ids below n_groups) get 0.5, the argmax rule."""
     p, label, group = positive_prob(scores), _np(label), _np(group)
-    if sorted(np.unique(group[group >= 0]).tolist()) != [0, 1]:
-        raise ValueError("fitting group thresholds needs both groups (0 = women, 1 = men) in the data")
-    (t0, a0), (t1, a1) = (_accuracy_per_threshold(p[group == g], label[group == g]) for g in (0, 1))
-    j = np.searchsorted(a1, a0)  # a1[j] >= a0 > a1[j - 1]
-    cand = np.stack([np.clip(j, 0, len(a1) - 1), np.clip(j - 1, 0, len(a1) - 1)])  # [2, len(a0)]
-    score = _fair(a0[None], a1[cand])
-    side, i = np.unravel_index(np.argmax(score), score.shape)
-    return [float(t0[i]), float(t1[cand[side, i]])]
+    present = np.unique(group[group >= 0]).tolist()
+    if len(present) < 2:
+        raise ValueError("fitting group thresholds needs two or more groups in the data")
+    thresholds = [0.5] * max(n_groups or 0, present[-1] + 1)
+    if objective == "fair":
+        levels = [_accuracy_levels(p[group == g], label[group == g]) for g in present]
+        acc, idx = _fair_sweep(levels)
+        score = _fair(acc.T)
+        best = np.flatnonzero(score == score.max())
+        pick = best[np.argmax(acc[:, best].mean(0))]  # among equal scores, the highest mean accuracy
+        chosen = [levels[k][0][idx[k, pick]] for k in range(len(present))]
+    else:
+        points = [_operating_points(p[group == g], label[group == g]) for g in present]
+        found = _constrained(points, objective == "equalized_odds", tolerance)
+        chosen = [pt[0][i] for pt, i in zip(points, found)]
+    for g, t in zip(present, chosen):
+        thresholds[g] = float(t)
+    return thresholds
 
 
-def has_both_groups(group):
-    """Whether groups 0 and 1 both occur: what per-group accuracy and the fair score need (-1 = unknown is ignored)."""
+def frontier(scores, label, group):
+    """The fairness-accuracy frontier per-group thresholds reach on these scores: the Pareto-optimal (mean group
+    accuracy, max - min group accuracy) points among those the fair search visits, by rising gap. [[mean, gap], ...]."""
+    p, label, group = positive_prob(scores), _np(label), _np(group)
+    present = np.unique(group[group >= 0]).tolist()
+    acc, _ = _fair_sweep([_accuracy_levels(p[group == g], label[group == g]) for g in present])
+    points = sorted(zip(acc.mean(0), acc.max(0) - acc.min(0)), key=lambda m_g: (m_g[1], -m_g[0]))
+    front, best = [], -np.inf
+    for mean, gap in points:
+        if mean > best:
+            front.append([float(mean), float(gap)])
+            best = mean
+    return front
+
+
+def has_groups(group):
+    """Whether two or more known groups occur: what per-group accuracy and the fair score need (-1 is ignored)."""
     group = _np(group)
-    return bool((group == 0).any() and (group == 1).any())
+    return len(np.unique(group[group >= 0])) >= 2
 
 
 SELECT = ("fair", "worst_group", "accuracy")  # the validation metrics a run can keep its best checkpoint by
@@ -218,7 +333,8 @@ SELECT_KEY = {"fair": "fair_score", "worst_group": "worst_group_accuracy", "accu
 
 def selection_score(metrics, select):
     """The one best-checkpoint rule of both training scripts: the validation metric named by select= (higher is
-    better). fair and worst_group need validation data with both groups; the scripts check that before training."""
+    better). fair and worst_group need validation data with two or more groups; the scripts check that before
+    training."""
     return metrics[SELECT_KEY[select]]
 
 
@@ -227,9 +343,10 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
     """Every metric of one split as a JSON-able dict, under fairlearn's names where fairlearn has the metric.
 
     Overall: n, accuracy, F1, confusion, ECE (15 bins) and, for two classes, AUROC. With fair=True and at least two
-    known groups: per group (`groups`: n, accuracy, selection rate, TPR, FPR, FNR, PPV, AUROC, ECE), the
-    between-group gaps (gaps()), the label x group cells (`cell_accuracy`, `worst_group_accuracy` and its
-    `worst_group` name, `mean_cell_accuracy`), the fair score for exactly two groups, and bootstrap CIs (n_boot > 0).
+    known groups: per group (`groups`: n, accuracy, selection rate, TPR, FPR, FNR, PPV, AUROC, ECE), the fair score,
+    the between-group gaps (gaps()), the label x group cells (`cell_accuracy` with their sizes `cell_n`,
+    `worst_group_accuracy` and its `worst_group` name, `mean_cell_accuracy`), the groups and cells with fewer than
+    SMALL_GROUP samples (`small_groups`, `small_cells`: too small to read) and bootstrap CIs (n_boot > 0).
     curves=True adds the ROC curve and reliability diagram of everyone and of each group (`curves`) for plots.
     """
     scores, label, group = _np(scores).astype(np.float64), _np(label), _np(group)
@@ -264,12 +381,16 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
     m["groups"] = by_group
     m["group_accuracy"] = {k: v["accuracy"] for k, v in by_group.items()}
     m["group_confusion"] = {name(g): confusion(pred[group == g], label[group == g], C).tolist() for g in known}
-    if known == [0, 1]:
-        m["fair_score"] = fair_score(group_accuracies(pred, label, group))
+    m["fair_score"] = fair_score(group_accuracies(pred, label, group))
     if C == 2:
         m |= gaps(by_group)
-    cells = {f"{class_names[y]} / {name(g)}": a for (y, g), a in cell_accuracies(pred, label, group).items()}
+    by_cell = cell_accuracies(pred, label, group)
+    cell_name = lambda y, g: f"{class_names[y]} / {name(g)}"
+    cells = {cell_name(y, g): a for (y, g), a in by_cell.items()}
     m["cell_accuracy"] = cells
+    m["cell_n"] = {cell_name(y, g): int(((label == y) & (group == g)).sum()) for y, g in by_cell}
+    m["small_groups"] = [k for k, v in by_group.items() if v["n"] < SMALL_GROUP]
+    m["small_cells"] = [k for k, n in m["cell_n"].items() if n < SMALL_GROUP]
     m["worst_group"] = min(cells, key=cells.get)
     m["worst_group_accuracy"] = cells[m["worst_group"]]
     m["mean_cell_accuracy"] = float(np.mean(list(cells.values())))

@@ -176,8 +176,8 @@ def run_dfr(cfg):
     if differ := data.mismatch(ck_meta.get("data") or {}, meta):
         raise UserError(f"--dfr={c.dfr} was trained for other data than {c.data_dir}: {differ}")
     _, val_groups = data.load_labels(c.data_dir, "val")
-    if not metrics.has_both_groups(val_groups) or (val_groups < 0).any():
-        raise UserError(f"DFR needs a group label on every val sample of {c.data_dir}, and both groups")
+    if not metrics.has_groups(val_groups) or (val_groups < 0).any():
+        raise UserError(f"DFR needs a group label on every val sample of {c.data_dir}, and two or more groups")
     group_names = meta["groups"] or metrics.GROUP_NAMES
     with run.run_dir(c.out_dir, c.resume, c.force):
         split = lambda name: features(net, data.make_loader(c.data_dir, name, c.eval_batch_size, train=False,

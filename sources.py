@@ -11,9 +11,16 @@ removes, and says so. Bad input ends in one DataError line before anything is wr
     folder      class-per-subfolder trees (mask / no-mask, ...), groups from an optional CSV
     aaf         All-Age-Faces "aligned faces/" (label = gender, from the file name)
     adience     Adience "aligned/" and fold_0..4_data.txt (label = gender; the subject-disjoint folds are the splits)
+    fairface    FairFace: HuggingFaceM4/FairFace from the Hub (pinned revision), or --root with the released images and
+                fairface_label_{train,val}.csv; gender, 9 age bins, 7 race groups (by default: gender across race)
+    utkface     UTKFace's flat folder of age_gender_race_date.jpg.chip.jpg (gender, 9 age bins, 5 race groups)
+    csv         any labelled set as a CSV: a path and a label column, optional group, attribute and split columns
+
+Labels and groups of the sources with attributes (synthetic, celeba, fairface, utkface) are attribute expressions
+(data.py's labels_from_attrs and groups_from_attrs): --group=Male gives 2 groups, --group=Race one per race, and
+--group=Male*Young the 4 intersections (ids mixed radix, the first factor most significant: 0 = women & not Young).
 """
 
-import ast
 import csv
 import inspect
 import io
@@ -27,10 +34,13 @@ import celeba
 import configurator
 import data
 import faces
-from beton import DataError, decode_images, list_files, need_dir, read_text, relative_path
+from beton import DataError, decode_images, list_files, need_dir, need_space, read_text, relative_path
 from data import SPLITS
 
 CHALLENGE_CELLS = (0.44, 0.145, 0.365, 0.05)  # (label 0, women), (1, women), (0, men), (1, men), as in the challenge
+# HuggingFaceM4/FairFace's main branch as found (commit "Update README.md", after both margins' train and validation
+# shards were uploaded): https://huggingface.co/datasets/HuggingFaceM4/FairFace/tree/54d573cdb8b5af490ba8da9da2799628f6e5c496
+FAIRFACE_REVISION = "54d573cdb8b5af490ba8da9da2799628f6e5c496"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command-line defaults, one dict per source: `python data.py SOURCE --help` prints them with these comments
@@ -41,8 +51,8 @@ OUTPUT = dict(
     size=80,  # stored image side in pixels (centre square crop, area resize)
 )
 ATTRIBUTES = dict(
-    criterion="Blond_Hair ^ Eyeglasses",  # label: attribute names with & | ^ ~ not and or, e.g. Male
-    group="Male",  # group (0/1): an attribute expression, or none
+    criterion="Blond_Hair ^ Eyeglasses",  # label: attribute names with & | ^ ~ not and or (e.g. Male), or as --group
+    group="Male",  # groups: an expression (Male: women, men), a categorical attribute, a product (Male*Young), none
 )
 SPLIT = dict(
     split=(0.8, 0.1, 0.1),  # train,val,test fractions, stratified by label x group
@@ -56,12 +66,13 @@ SYNTHETIC = dict(
     both=0.05,  # fraction of the negatives blond AND in glasses (10x CelebA's; 0.25 makes a pure XOR puzzle)
     noise=0.03,  # label-noise rate of train and val (test labels stay clean)
     shift=0.0,  # test-split shift: harsher light, noise, blur and head roll
+    skin_tones=0,  # 2-8 tone bins kept as the attribute Skin (0: none), the darkest rare and dim; --group=Skin
     **ATTRIBUTES,
     **SPLIT,
 )
 CELEBA = dict(
     **OUTPUT,
-    root="",  # the source's folder (required; celeba: empty downloads flwrlabs/celeba from the Hub)
+    root="",  # the source's folder (required; celeba, fairface: empty downloads from the Hub; csv: the CSV's folder)
     revision=celeba.CELEBA_REVISION,  # the Hub revision to download (pinned)
     **ATTRIBUTES,
 )
@@ -84,70 +95,61 @@ ADIENCE = dict(
     val_fold=3,  # the fold (0-4) held out for validation
     test_fold=4,  # the fold (0-4) held out for test; the benchmark's cross-validation rotates it
 )
+FAIRFACE = dict(
+    **OUTPUT,
+    root="",
+    margin="0.25",  # the Hub's crop around the face: 0.25|1.25 (tight or with context; --root: the images there)
+    revision=FAIRFACE_REVISION,
+    criterion="Male",
+    group="Race",
+    val_frac=0.1,
+    seed=0,
+)
+UTKFACE = dict(
+    **OUTPUT,
+    root="",
+    criterion="Male",
+    group="Race",
+    **SPLIT,
+)
+CSV = dict(
+    **OUTPUT,
+    csv="",  # the CSV file (required): a header row, then one row per image
+    root="",
+    path_column="path",  # the column of image paths
+    label_column="label",  # the column of labels: its distinct values, sorted, are the classes; blank: row skipped
+    group_column="",  # optional column of groups: women/female/f = 0, men/male/m = 1, others after; blank: unknown
+    attribute_columns="",  # optional columns kept as categorical attributes, e.g. age,skin (for --group_by later)
+    split_column="",  # optional column of train/val/test per row; empty: a seeded --split stratified by label x group
+    **SPLIT,
+)
 ALIASES = {"out": "out_dir", "target": "criterion"}
+CHOICES = {"margin": ("0.25", "1.25")}
+HUB_SOURCES = ("celeba", "fairface")  # without --root they download; csv's --root defaults to the CSV's folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Labels from attributes: "Blond_Hair ^ Eyeglasses", "Male", "Smiling and not Young", ...
+# Labels and groups: from attributes by --criterion and --group (data.py's expressions), or from names in a file
 
-_ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load,
-                  ast.And, ast.Or, ast.BitAnd, ast.BitOr, ast.BitXor, ast.Not, ast.Invert)
-_BINOPS = {ast.BitAnd: np.logical_and, ast.BitOr: np.logical_or, ast.BitXor: np.logical_xor}
-
-
-_WORD = re.compile(r"\w+")
-_KEYWORDS = ("and", "or", "not")
+def _labels_and_groups(attrs, names, values, cfg):
+    """-> labels, groups (int64, -1 unknown), class names, group names ([] for --group=none)."""
+    labels, classes = data.labels_from_attrs(cfg["criterion"], attrs, names, values)
+    groups, group_names = data.groups_from_attrs(cfg["group"], attrs, names, values)
+    return labels, groups, classes, group_names
 
 
-def parse_criterion(expr, names):
-    """Compile a boolean expression of attribute names into f({name: bool array}) -> bool array. The expression is
-    parsed with `ast` and only names and & | ^ ~ not and or are accepted: nothing is ever eval'd. Every word but the
-    keywords is renamed to a placeholder before parsing, so names Python would not take (CelebA's 5_o_Clock_Shadow)
-    work too, and messages name the words as written."""
-    words = []
-
-    def placeholder(m):
-        if m[0] in _KEYWORDS:
-            return m[0]
-        words.append(m[0])
-        return f"_{len(words) - 1}"
-
-    try:
-        tree = ast.parse(_WORD.sub(placeholder, expr), mode="eval")
-    except SyntaxError:
-        raise DataError(f"cannot parse the criterion {expr!r}") from None
-    word = lambda node: words[int(node.id[1:])]
-    for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED_NODES):
-            raise DataError(f"criterion {expr!r}: only attribute names and & | ^ ~ not and or are allowed")
-        if isinstance(node, ast.Name) and word(node) not in names:
-            raise DataError(f"criterion {expr!r}: unknown attribute {word(node)!r} (known: {' '.join(names)})")
-
-    def ev(node, attrs):
-        if isinstance(node, ast.Name):
-            return np.asarray(attrs[word(node)], bool)
-        if isinstance(node, ast.UnaryOp):
-            return ~ev(node.operand, attrs)
-        if isinstance(node, ast.BoolOp):
-            op = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
-            out = ev(node.values[0], attrs)
-            for v in node.values[1:]:
-                out = op(out, ev(v, attrs))
-            return out
-        return _BINOPS[type(node.op)](ev(node.left, attrs), ev(node.right, attrs))
-
-    return lambda attrs: ev(tree.body, attrs)
+GENDER_NAMES = (("women", "woman", "female", "f"), ("men", "man", "male", "m"))
 
 
-def _labels_from_attrs(attrs, names, criterion, group):
-    """-> labels, groups (int64), class names, group names; group "none" gives -1 everywhere and no group names."""
-    named = dict(zip(names, (attrs > 0).T))
-    labels = parse_criterion(criterion, names)(named).astype(np.int64)
-    classes = [f"not {criterion}" if _WORD.fullmatch(criterion) else f"not ({criterion})", criterion]
-    if group.lower() == "none":
-        return labels, np.full(len(labels), -1, np.int64), classes, []
-    groups = parse_criterion(group, names)(named).astype(np.int64)
-    return labels, groups, classes, (["women", "men"] if group == "Male" else [f"not {group}", group])
+def group_ids(names):
+    """Group names, one per image, as a file spells them -> (ids int64, group names by id). Gender-like names keep
+    our convention: women/woman/female/f (any case) come first (0), men/man/male/m next (1 when both are there),
+    every other name after them, sorted; a blank name is unknown (-1)."""
+    names = [nm.strip() for nm in names]
+    rank = lambda nm: (next((k for k, spell in enumerate(GENDER_NAMES) if nm.lower() in spell), 2), nm)
+    order = sorted({nm for nm in names if nm}, key=rank)
+    index = {nm: i for i, nm in enumerate(order)}
+    return np.array([index.get(nm, -1) for nm in names], np.int64), order
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,20 +157,24 @@ def _labels_from_attrs(attrs, names, criterion, group):
 
 def synthetic_source(cfg, scratch=None):
     """Procedurally drawn faces (offline, faces.py): attributes per label x gender cell, the label by `criterion`
-    (the challenge's rule by default), label noise on train and val only."""
+    (the challenge's rule by default), label noise on train and val only. --skin_tones=K adds the categorical
+    attribute Skin (K tone bins, the darkest rarer and dimly lit): --group=Skin gives K groups."""
     cells = _fractions(cfg["cells"], "cells")
     sizes = faces.cell_counts(_fractions(cfg["split"]), cfg["n"])
+    tones = cfg["skin_tones"]
+    names = list(faces.SYNTH_ATTRS) + ([faces.SKIN_ATTR] if tones else [])
+    values = {faces.SKIN_ATTR: faces.tone_names(tones)} if tones else {}
     splits = {}
     for k, (split, n) in enumerate(zip(SPLITS, sizes)):
         rng = np.random.default_rng([cfg["seed"], k])
-        attrs = faces.synth_attributes(n, rng, cells, cfg["glasses_share"], cfg["both"])
-        images = faces.draw_faces(attrs, rng, cfg["size"], cfg["shift"] if split == "test" else 0.0)
-        labels, groups, classes, group_names = _labels_from_attrs(attrs, faces.SYNTH_ATTRS, cfg["criterion"],
-                                                                  cfg["group"])
+        attrs = faces.synth_attributes(n, rng, cells, cfg["glasses_share"], cfg["both"], tones)
+        images = faces.draw_faces(attrs, rng, cfg["size"], cfg["shift"] if split == "test" else 0.0, skin_tones=tones)
+        labels, groups, classes, group_names = _labels_and_groups(attrs, names, values, cfg)
         if split != "test":  # noisy labels for training and model selection, the clean rule for the final score
-            labels = np.where(rng.random(n) < cfg["noise"], 1 - labels, labels)
+            flip = rng.random(n) < cfg["noise"]  # to any other class (1 - label for two), drawn last
+            labels = np.where(flip, (labels + rng.integers(1, len(classes), n)) % len(classes), labels)
         splits[split] = dict(images=images, labels=labels, groups=groups, attrs=attrs)
-    return dict(splits=splits, classes=classes, groups=group_names, attributes=list(faces.SYNTH_ATTRS),
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=names, attribute_values=values,
                 criterion=cfg["criterion"], skipped=[])
 
 
@@ -194,8 +200,47 @@ def _stratified(keys, fracs, seed):
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def _cell_keys(labels, groups):
+    """One key per label x group cell (either may be -1, unknown), for _stratified."""
+    return np.unique(np.stack([labels, groups], 1), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _parts(labels, groups, fracs, seed):
+    """Each row's part 0..len(fracs)-1 (train, val, test), stratified by label x group (_stratified)."""
+    part = np.empty(len(labels), np.int64)
+    for k, idx in enumerate(_stratified(_cell_keys(labels, groups), fracs, seed)):
+        part[idx] = k
+    return part
+
+
 def _take(split, idx):
     return {k: (v[idx] if isinstance(v, np.ndarray) else v) for k, v in split.items()}
+
+
+def _decode_splits(chunks, split_of, names, rows, size, scratch, skipped, where):
+    """Decode a table's images straight into its splits: chunks yields (row positions, image sources: paths or bytes)
+    over the rows in order; split_of: each row's split (0 train, 1 val, 2 test); rows: the per-row arrays (labels,
+    groups, attrs). Each split's images go to a memory-mapped file in scratch, in row order (FairFace at 224x224 is
+    15 GB); unreadable images are skipped and listed. -> {split: dict(images, **rows at the readable rows)}"""
+    counts = np.bincount(split_of, minlength=len(SPLITS))
+    need_space(scratch, int(counts.sum()) * size * size * 3, "the decoded images")
+    out = [np.lib.format.open_memmap(os.path.join(scratch, f"{s}.npy"), "w+", np.uint8, (int(c), size, size, 3))
+           if c else np.empty((0, size, size, 3), np.uint8) for s, c in zip(SPLITS, counts)]
+    kept, first = [[np.zeros(0, np.int64)] for _ in SPLITS], len(skipped)
+    for pos, sources in chunks:
+        for k, split in enumerate(SPLITS):
+            sel = np.flatnonzero(split_of[pos] == k)
+            if len(sel):
+                filled = sum(map(len, kept[k]))
+                _, ok = decode_images([sources[i] for i in sel], [names[pos[i]] for i in sel], size,
+                                      f"{split} images", out=out[k][filled:], skipped=skipped)
+                kept[k].append(pos[sel[ok]])
+    kept = [np.concatenate(k) for k in kept]
+    if len(split_of) and not sum(map(len, kept)):
+        raise DataError(f"none of the {len(split_of)} images from {where} is readable (the first, "
+                        f"{skipped[first]['file']}: {skipped[first]['reason']})")
+    return {s: dict(images=out[k][:len(kept[k])], **{key: v[kept[k]] for key, v in rows.items()})
+            for k, s in enumerate(SPLITS)}
 
 
 def challenge_source(cfg, scratch=None):
@@ -239,7 +284,7 @@ def challenge_source(cfg, scratch=None):
                                  skipped=skipped, where=txt)
     labels, groups = np.array(labels, np.int64)[kept], np.array(genres, np.int64)[kept]
     full = dict(images=images, labels=labels, groups=groups)
-    train_idx, val_idx = _stratified(labels * 2 + groups, [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
+    train_idx, val_idx = _stratified(_cell_keys(labels, groups), [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
     test_names = list_files(test_dir)
     if not test_names:
         raise DataError(f"no images in {test_dir}")
@@ -273,7 +318,8 @@ def _read_group_csv(path, root):
 
 def folder_source(cfg, scratch=None):
     """Class-per-subfolder trees: ROOT/<class>/**/image, or ROOT/{train,val,test}/<class>/** when already split.
-    Groups come from an optional CSV (`path,group`; group names in sorted order, e.g. female < male)."""
+    Groups come from an optional CSV (`path,group`), numbered by group_ids: women/woman/female/f = 0,
+    men/man/male/m = 1, other names after them, sorted; a blank group or an image the CSV does not list is unknown."""
     root = need_dir(cfg["root"])
     presplit = os.path.isdir(os.path.join(root, "train"))
     tops = [os.path.join(root, s) for s in SPLITS] if presplit else [root]
@@ -297,19 +343,15 @@ def folder_source(cfg, scratch=None):
         raise DataError(f"one class subfolder in {tops[0]} ({classes[0]}): a classifier needs two or more, one per "
                         "class")
     table = _read_group_csv(cfg["groups"], root) if cfg["groups"] else {}
-    group_names = sorted(set(table.values()))
-    gid = {g: i for i, g in enumerate(group_names)}
     skipped = []
     images, kept = decode_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
                                  where=root)
-    files = [files[i] for i in kept]
-    full = dict(images=images, labels=np.array(labels, np.int64)[kept],
-                groups=np.array([gid.get(table.get(os.path.normpath(f)), -1) for f in files], np.int64))
+    groups, group_names = group_ids([table.get(os.path.normpath(files[i]), "") for i in kept])
+    full = dict(images=images, labels=np.array(labels, np.int64)[kept], groups=groups)
     if presplit:
         idx = [np.flatnonzero(np.array(part)[kept] == t) for t in range(3)]
     else:
-        idx = _stratified(full["labels"] * (len(group_names) + 1) + full["groups"] + 1, _fractions(cfg["split"]),
-                          cfg["seed"])
+        idx = _stratified(_cell_keys(full["labels"], full["groups"]), _fractions(cfg["split"]), cfg["seed"])
     return dict(splits={s: _take(full, i) for s, i in zip(SPLITS, idx)}, classes=classes, groups=group_names,
                 attributes=[], criterion=None, skipped=skipped)
 
@@ -400,10 +442,264 @@ def celeba_source(cfg, scratch):
     that needs `scratch` (a folder for its memory-mapped images: ~4 GB at 80x80)."""
     splits, names, skipped = celeba.load(cfg["root"], cfg["revision"], cfg["size"], scratch)
     for split in splits.values():
-        split["labels"], split["groups"], classes, groups = _labels_from_attrs(split["attrs"], names, cfg["criterion"],
-                                                                              cfg["group"])
+        split["labels"], split["groups"], classes, groups = _labels_and_groups(split["attrs"], names, {}, cfg)
     return dict(splits=splits, classes=classes, groups=groups, attributes=names, criterion=cfg["criterion"],
                 skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The field's fairness face sets (FairFace, UTKFace) and any labelled set listed in a CSV. Each reads its table first,
+# splits it by label x group, then decodes the images straight into their splits (_decode_splits)
+
+FAIRFACE_REPO = "HuggingFaceM4/FairFace"
+# the Hub's class order (its card: https://huggingface.co/datasets/HuggingFaceM4/FairFace), which the released CSVs
+# spell out; the Hub's gender is 0 = Male, 1 = Female, stored here as Male (1 = men) so that group 0 is women
+FAIRFACE_AGES = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
+FAIRFACE_RACES = ("East Asian", "Indian", "Black", "White", "Middle Eastern", "Latino_Hispanic", "Southeast Asian")
+FAIRFACE_ATTRS = ("Male", "Age", "Race", "service_test")
+FAIRFACE_CODES = {"gender": ("Female", "Male"), "age": FAIRFACE_AGES, "race": FAIRFACE_RACES,
+                  "service_test": ("False", "True")}  # the CSV's columns -> our codes, in FAIRFACE_ATTRS' order
+FAIRFACE_SPLITS = {"train": "train", "validation": "test", "val": "test"}  # the released val is our test split
+FAIRFACE_OFFLINE = ("cannot download FairFace from the Hugging Face Hub ({}). Either pass --root DIR with the "
+                    "released images and fairface_label_train.csv, fairface_label_val.csv, or with the "
+                    "HuggingFaceM4/FairFace parquet shards, or build the offline synthetic set: make data "
+                    "DATA=synthetic")
+
+
+def _fairface_csv(root, skipped):
+    """ROOT/fairface_label_{train,val}.csv (file,age,gender,race,service_test; file like train/1.jpg, relative to
+    ROOT) -> (image paths, names, attrs uint8 [n, 4], released split 0 train / 1 val); listed files that are not
+    there are skipped."""
+    names, attrs, released = [], [], []
+    for k, which in enumerate(("train", "val")):
+        path = os.path.join(root, f"fairface_label_{which}.csv")
+        if not os.path.isfile(path):
+            raise DataError(f"label file not found: {path} (--root holds fairface_label_train.csv, "
+                            "fairface_label_val.csv and the images; an empty --root downloads the Hub's copy)")
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        if not {"file", *FAIRFACE_CODES} <= set(reader.fieldnames or ()):
+            raise DataError(f"{path}: expected a header file,{','.join(FAIRFACE_CODES)}")
+        for lineno, r in enumerate(reader, 2):
+            where = f"{path}:{lineno}"
+            codes = []
+            for col, allowed in FAIRFACE_CODES.items():
+                value = (r[col] or "").strip()
+                lowered = [a.lower() for a in allowed]
+                if value.lower() not in lowered:
+                    raise DataError(f"{where}: {col} {value!r} is not one of {', '.join(allowed)}")
+                codes.append(lowered.index(value.lower()))
+            names.append(relative_path((r["file"] or "").strip(), where, root))
+            attrs.append(codes)
+            released.append(k)
+    found = np.array([os.path.isfile(os.path.join(root, nm)) for nm in names], bool)
+    if not found.any():
+        raise DataError(f"none of the {len(names)} images the FairFace label files list is under {root}")
+    skipped += [dict(file=nm, reason="listed in a label file, not under --root") for nm, f in zip(names, found)
+                if not f]
+    names = [nm for nm, f in zip(names, found) if f]
+    return ([os.path.join(root, nm) for nm in names], names, np.array(attrs, np.uint8)[found],
+            np.array(released, np.int64)[found])
+
+
+def _fairface_parquet(shards):
+    """{"train": [paths], "test": [paths]}: the Hub's shards of the released train and val -> (image chunks, names
+    shard:row, attrs uint8 [n, 4], released split 0 train / 1 val)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    files, names, attrs, released = [], [], [], []
+    for k, which in enumerate(("train", "test")):
+        for path in shards[which]:
+            try:
+                f = pq.ParquetFile(path)
+                table = f.read(columns=["gender", "age", "race", "service_test"]) if {
+                    "image", *FAIRFACE_CODES} <= set(f.schema_arrow.names) else None
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"a FairFace parquet shard is not readable ({type(e).__name__}: {e})") from None
+            cols = None if table is None else [table.column(c).to_numpy(zero_copy_only=False).astype(np.int64)
+                                                for c in ("gender", "age", "race", "service_test")]
+            if cols is None or any(((c < 0) | (c >= n)).any() for c, n in zip(cols, (2, 9, 7, 2))):
+                raise DataError(f"{path}: not a HuggingFaceM4/FairFace shard (columns image, age, gender, race, "
+                                "service_test with the card's codes)")
+            attrs.append(np.stack([1 - cols[0], *cols[1:]], 1).astype(np.uint8))  # Hub gender 0 = Male
+            names += [f"{os.path.basename(path)}:{i}" for i in range(len(table))]
+            released += [k] * len(table)
+            files.append(f)
+
+    def chunks():
+        start = 0
+        for f in files:
+            for batch in f.iter_batches(batch_size=1024, columns=["image"]):
+                blobs = [b or b"" for b in batch.column("image").field("bytes").to_pylist()]  # none: unreadable
+                yield np.arange(start, start + len(blobs)), blobs
+                start += len(blobs)
+    return chunks(), names, np.concatenate(attrs), np.array(released, np.int64)
+
+
+def fairface_source(cfg, scratch):
+    """FairFace (Karkkainen & Joo, 2021): the Hub's HuggingFaceM4/FairFace parquet at a pinned revision (--margin
+    0.25 or 1.25; downloaded shard by shard, resumable, size- and sha256-checked), a folder of those shards, or --root
+    with the released images and fairface_label_train.csv, fairface_label_val.csv (file,age,gender,race,service_test).
+    Attributes Male (1 = men: the Hub's gender 0 = Male and the CSV's Male/Female are remapped, so group 0 is women),
+    Age (9 bins), Race (7) and service_test; label and groups by --criterion and --group (default: gender across the 7
+    race groups). The released val split is the test split; val is carved from the released train, stratified by
+    label x group (--val_frac, seeded). Unreadable and missing images are skipped and counted."""
+    root, margin, skipped = cfg["root"], cfg["margin"], []
+    values = {"Age": list(FAIRFACE_AGES), "Race": list(FAIRFACE_RACES)}
+    _labels_and_groups(np.zeros((0, len(FAIRFACE_ATTRS)), np.uint8), FAIRFACE_ATTRS, values, cfg)  # before a download
+    if root:  # the shards of one margin (a snapshot of the Hub's repository holds both), or the released files
+        folder = os.path.join(root, margin) if os.path.isdir(os.path.join(root, margin)) else need_dir(root)
+        shards = [os.path.join(folder, f) for f in list_files(folder) if f.endswith(".parquet")]
+        where = folder if shards else root
+    else:
+        shards = beton.hub_parquet(FAIRFACE_REPO, margin, cfg["revision"], FAIRFACE_OFFLINE)
+        where = f"{FAIRFACE_REPO}/{margin}"
+    if shards:
+        shards = beton.shards_by_split(shards, FAIRFACE_SPLITS)
+        if set(shards) != {"train", "test"}:
+            raise DataError(f"{where}: need the train-* and validation-*.parquet shards, found "
+                            f"{sorted(shards) or 'neither'}")
+        chunks, names, attrs, released = _fairface_parquet(shards)
+    else:
+        paths, names, attrs, released = _fairface_csv(root, skipped)
+        chunks = [(np.arange(len(paths)), paths)]
+    labels, groups, classes, group_names = _labels_and_groups(attrs, FAIRFACE_ATTRS, values, cfg)
+    split_of, train = np.full(len(names), 2, np.int64), np.flatnonzero(released == 0)
+    split_of[train] = _parts(labels[train], groups[train], [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
+    splits = _decode_splits(chunks, split_of, names, dict(labels=labels, groups=groups, attrs=attrs), cfg["size"],
+                            scratch, skipped, where)
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=list(FAIRFACE_ATTRS),
+                attribute_values=values, criterion=cfg["criterion"], skipped=skipped)
+
+
+UTKFACE_ATTRS = ("Male", "Age", "Race")
+UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
+UTKFACE_SUFFIX = ".jpg.chip.jpg"
+AGE_EDGES = (3, 10, 20, 30, 40, 50, 60, 70)  # the first age of FairFace's bins 1..8 (0-2, 3-9, ..., more than 70)
+
+
+def _utkface_name(name):
+    """age_gender_race_date.jpg.chip.jpg -> (age, Male, race), or why the name is not one: a few real names lack the
+    race field, carry a space or miss a dot."""
+    if not name.endswith(UTKFACE_SUFFIX):
+        return f"name does not end in {UTKFACE_SUFFIX}"
+    fields = name[: -len(UTKFACE_SUFFIX)].split("_")
+    if len(fields) != 4:
+        return f"{len(fields)} fields before {UTKFACE_SUFFIX}, not 4 (age_gender_race_date)"
+    if not all(f.isdecimal() for f in fields):
+        return "a field that is not a number (age_gender_race_date)"
+    age, gender, race = map(int, fields[:3])
+    if gender > 1 or race >= len(UTKFACE_RACES):
+        return f"gender {gender} or race {race} out of range (0-1, 0-{len(UTKFACE_RACES) - 1})"
+    return age, 1 - gender, race  # UTKFace's gender 0 is male
+
+
+def utkface_source(cfg, scratch):
+    """UTKFace: the flat folder of age_gender_race_date.jpg.chip.jpg faces (--root: UTKFace/ or the folder holding
+    it). Gender 0 = male (stored as Male = 1, so group 0 is women), race 0-4 = White, Black, Asian, Indian, Others.
+    Attributes Male, Age (FairFace's 9 bins) and Race; label and groups by --criterion and --group (default: gender
+    across the 5 race groups). Files with malformed names (a few real ones lack the race field, carry a space or
+    miss a dot) and unreadable images are skipped and counted with the reason; seeded splits stratified by label x
+    group."""
+    root = need_dir(cfg["root"])
+    folder = os.path.join(root, "UTKFace") if os.path.isdir(os.path.join(root, "UTKFace")) else root
+    files = [f for f in list_files(folder) if os.sep not in f]
+    if not files:
+        raise DataError(f"no files in {folder}")
+    fields, skipped = {}, []
+    for f in files:
+        got = _utkface_name(f)
+        if isinstance(got, str):
+            skipped.append(dict(file=f, reason=got))
+        else:
+            fields[f] = got
+    if not fields:
+        raise DataError(f"no UTKFace images (named like 25_0_2_20170116174525125{UTKFACE_SUFFIX}) in {folder}")
+    print(f"utkface: {len(skipped)} files with malformed names skipped, {len(fields)} kept")
+    names = list(fields)
+    age, male, race = np.array(list(fields.values()), np.int64).T
+    attrs = np.stack([male, np.searchsorted(AGE_EDGES, age, side="right"), race], 1).astype(np.uint8)
+    values = {"Age": list(FAIRFACE_AGES), "Race": list(UTKFACE_RACES)}
+    labels, groups, classes, group_names = _labels_and_groups(attrs, UTKFACE_ATTRS, values, cfg)
+    split_of = _parts(labels, groups, _fractions(cfg["split"]), cfg["seed"])
+    splits = _decode_splits([(np.arange(len(names)), [os.path.join(folder, nm) for nm in names])], split_of, names,
+                            dict(labels=labels, groups=groups, attrs=attrs), cfg["size"], scratch, skipped, folder)
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=list(UTKFACE_ATTRS),
+                attribute_values=values, criterion=cfg["criterion"], skipped=skipped)
+
+
+CSV_SPLITS = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
+
+
+def _sorted_values(values):
+    """Distinct names in order: as numbers when every one is a number (2 before 10), else as text."""
+    values = set(values)
+    try:
+        return sorted(values, key=lambda v: (float(v), v))
+    except ValueError:
+        return sorted(values)
+
+
+def csv_source(cfg, scratch):
+    """Any labelled image set listed in a CSV with a header row (--csv=FILE), one row per image; paths relative to
+    --root (default: the CSV's folder). Classes are the label column's distinct values, sorted (as numbers when all
+    are numbers); rows with a blank label and listed files that are not there are skipped and counted. Optional: a
+    group column (group_ids: women/woman/female/f = 0, men/man/male/m = 1, other names after them, sorted; blank =
+    unknown), attribute columns kept as categorical attributes (evaluate.py --group_by=NAME regroups by them later;
+    blank = unknown) and a split column (train, val or test per row; else a seeded --split stratified by label x
+    group)."""
+    path = cfg["csv"]
+    if not os.path.isfile(path):
+        raise DataError(f"CSV file not found: {path}")
+    root = need_dir(cfg["root"] or os.path.dirname(os.path.abspath(path)))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = reader.fieldnames or []
+    attr_cols = [c.strip() for c in cfg["attribute_columns"].split(",") if c.strip()]
+    wanted = [(f"--{k}_column", cfg[f"{k}_column"]) for k in ("path", "label", "group", "split")]
+    for key, col in wanted + [("--attribute_columns", c) for c in attr_cols]:
+        if col and col not in header:
+            raise DataError(f"{path}: no column {col!r} ({key}; the header has: {', '.join(header) or 'nothing'})")
+    pc, lc, gc, sc = (col for _, col in wanted)
+    names, cells, seen, skipped = [], [], {}, []
+    for lineno, r in enumerate(reader, 2):
+        where = f"{path}:{lineno}"
+        cell = {c: (r[c] or "").strip() for c in [pc, lc, gc, sc, *attr_cols] if c}
+        if not cell[pc]:
+            raise DataError(f"{where}: no path in column {pc!r}")
+        name = relative_path(cell[pc], where, root)
+        if name in seen:
+            raise DataError(f"{where}: {name} is listed again (line {seen[name]}); one row per image")
+        seen[name] = lineno
+        if sc and cell[sc].lower() not in CSV_SPLITS:
+            raise DataError(f"{where}: split {cell[sc]!r} is not train, val or test (column {sc!r})")
+        if not cell[lc]:
+            skipped.append(dict(file=name, reason=f"no label (line {lineno})"))
+        elif not os.path.isfile(os.path.join(root, name)):
+            skipped.append(dict(file=name, reason=f"listed on line {lineno}, not under {root}"))
+        else:
+            names.append(name)
+            cells.append(cell)
+    if not names:
+        raise DataError(f"{path} lists no image with a label that is under {root}" if seen else f"{path} has no rows")
+    classes = _sorted_values(c[lc] for c in cells)
+    index = {v: i for i, v in enumerate(classes)}
+    labels = np.array([index[c[lc]] for c in cells], np.int64)
+    groups, group_names = group_ids([c[gc] for c in cells]) if gc else (np.full(len(names), -1, np.int64), [])
+    values = {col: _sorted_values(c[col] for c in cells if c[col]) for col in attr_cols}
+    for col, vals in values.items():
+        if len(vals) >= data.UNKNOWN:
+            raise DataError(f"{path}: attribute column {col!r} holds {len(vals)} distinct values; at most "
+                            f"{data.UNKNOWN - 1} (the code {data.UNKNOWN} means unknown)")
+    rows = dict(labels=labels, groups=groups)
+    if attr_cols:
+        codes = {col: {v: i for i, v in enumerate(vals)} for col, vals in values.items()}
+        rows["attrs"] = np.array([[codes[col].get(c[col], data.UNKNOWN) for col in attr_cols] for c in cells],
+                                 np.uint8)
+    split_of = np.array([CSV_SPLITS[c[sc].lower()] for c in cells], np.int64) if sc else \
+        _parts(labels, groups, _fractions(cfg["split"]), cfg["seed"])
+    splits = _decode_splits([(np.arange(len(names)), [os.path.join(root, nm) for nm in names])], split_of, names,
+                            rows, cfg["size"], scratch, skipped, root)
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=attr_cols, attribute_values=values,
+                criterion=None, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,25 +709,29 @@ def celeba_source(cfg, scratch):
 #       images=uint8 [n, size, size, 3] (an array, or a memory-mapped file in scratch),
 #       labels=int64 [n] (0..C-1; -1 unknown, e.g. the challenge's test split),
 #       groups=int64 [n] (0..G-1; -1 unknown),
-#       attrs=uint8 [n, A] (optional: the source's attributes, one column per name in ds["attributes"]),
+#       attrs=uint8 [n, A] (optional: the source's attributes, one column per name in ds["attributes"]: 0/1 for a
+#           boolean one, the value's index for a categorical one, data.UNKNOWN (255) where not known),
 #       files=[n names] (optional: the images' file names, kept in meta.json: the challenge's test order))
 #   ds["classes"]: C class names; ds["groups"]: G group names ([] without groups); ds["attributes"]: A names ([]
-#   without attrs); ds["criterion"]: the attribute expression the labels come from, or None; ds["skipped"]: the
-#   unreadable or unusable inputs, [{"file": ..., "reason": ...}].
-# scratch: the build's temporary folder, for large intermediate files (*.npy, removed before the swap); only celeba
-# uses it.
+#   without attrs); ds["attribute_values"] (optional): {name: [value names]} of the categorical attributes;
+#   ds["criterion"]: the attribute expression the labels come from, or None; ds["skipped"]: the unreadable or
+#   unusable inputs, [{"file": ..., "reason": ...}].
+# scratch: the build's temporary folder, for large intermediate files (*.npy, removed before the swap): celeba's and
+# _decode_splits' memory-mapped images.
 
 SOURCES = dict(synthetic=(synthetic_source, SYNTHETIC), celeba=(celeba_source, CELEBA),
                challenge=(challenge_source, CHALLENGE), folder=(folder_source, FOLDER), aaf=(aaf_source, AAF),
-               adience=(adience_source, ADIENCE))
+               adience=(adience_source, ADIENCE), fairface=(fairface_source, FAIRFACE),
+               utkface=(utkface_source, UTKFACE), csv=(csv_source, CSV))
 
 
 def parse(source, argv):
     """A source's --key=value arguments -> its config dict (configurator's rules; --help prints the keys)."""
     defaults = SOURCES[source][1]
-    required = ["out_dir"] + (["root"] if "root" in defaults and source != "celeba" else [])
+    required = ["out_dir"] + (["root"] if "root" in defaults and source not in (*HUB_SOURCES, "csv") else []) + \
+        (["csv"] if "csv" in defaults else [])
     return configurator.parse(argv, defaults, __file__, aliases={a: k for a, k in ALIASES.items() if k in defaults},
-                              required=required)
+                              choices={k: v for k, v in CHOICES.items() if k in defaults}, required=required)
 
 
 def check_config(cfg):
@@ -449,6 +749,8 @@ def check_config(cfg):
             _fractions(cfg[key], key)
     need(["n"], lambda v: v >= 1, "a number of images, 1 or more")
     need(["seed"], lambda v: v >= 0, "0 or more")
+    need(["skin_tones"], lambda v: v == 0 or v in faces.SKIN_TONES,
+         f"0 (none) or a number of skin tone bins, {min(faces.SKIN_TONES)} to {max(faces.SKIN_TONES)}")
 
 
 def _check_classes(ds):

@@ -279,8 +279,9 @@ def load_train_data(c, world, dev):
     _, val_groups = data.load_labels(c.data_dir, "val")
     train_x, train_y, _ = data.load_split(c.data_dir, "train")
     num_classes = len(meta["classes"])
-    if c.select != "accuracy" and not metrics.has_both_groups(val_groups):
-        raise UserError(f"select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+    if c.select != "accuracy" and not metrics.has_groups(val_groups):
+        raise UserError(f"select={c.select} needs two or more groups in the val split of {c.data_dir}; use "
+                        "--select=accuracy")
     if len(train_y.unique()) < 2:
         raise UserError(f"{c.data_dir} has one class in its train split: a classifier needs two")
     if c.mode != "full" and c.n_labeled < num_classes:

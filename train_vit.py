@@ -50,7 +50,7 @@ resume = False  # continue from out_dir/last.safetensors if it exists
 force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
 sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
 sweep_dir = "runs/sweep"  # the sweep's folder (its own, so a sweep never overwrites a `make train` run)
-select = "fair"  # the validation metric that picks best.safetensors: fair | worst_group | accuracy
+select = "fair"  # the val metric that picks best.safetensors: fair (metrics.fair_score) | worst_group | accuracy
 # model
 init = "dino"  # dino: model.load_pretrained(pretrained) | scratch: random init of model.PRESETS[arch]
 pretrained = "facebook/dino-vits8"  # Hub id or local weights file (init=dino)
@@ -72,7 +72,7 @@ backend = "resident"  # data.make_loader backend: resident | ffcv
 loss = "bce_smooth"  # bce_smooth: BCE on the 2 logits, targets 1-s / s (the recipe) | ce | focal | group_dro
 smoothing = 0.1  # label smoothing s of bce_smooth
 focal_gamma = 2.0  # focal loss exponent
-group_weights = ""  # loss weight per label x group cell "w00,w01,w10,w11" (label-major) | inverse: n / (4 n_cell)
+group_weights = ""  # weight per label x group cell y*G+g: C*G numbers, "w00,w01,w10,w11" | inverse: n / (k n_cell)
 dro_step = 0.01  # loss=group_dro: step size eta of the exponentiated-gradient update of the cell weights
 dro_adjust = 0.0  # loss=group_dro: generalisation adjustment C; the update sees each cell's loss + C / sqrt(n_cell)
 # optimisation
@@ -203,15 +203,20 @@ def train_indices(c, labels, groups, epoch=0, upsample=None):
 
 # the loss: one call in the loop
 
-def inverse_cell_weights(labels, groups):
-    """group_weights=inverse: the weight of cell (y, g) is n / (k n_yg) over the k non-empty cells (label-major
-    [w00, w01, w10, w11]), so every cell carries the same total weight and the mean weight per sample is 1."""
-    counts = torch.bincount(2 * labels + groups, minlength=4).double()
+def cell_index(labels, groups, n_groups):
+    """The label x group cell of each sample, label-major: y * G + g (2 x 2: w00, w01, w10, w11)."""
+    return labels * n_groups + groups
+
+
+def inverse_cell_weights(labels, groups, n_cells, n_groups):
+    """group_weights=inverse: the weight of cell (y, g) is n / (k n_yg) over the k non-empty cells (cell_index), so
+    every cell carries the same total weight and the mean weight per sample is 1."""
+    counts = torch.bincount(cell_index(labels, groups, n_groups), minlength=n_cells).double()
     return torch.where(counts > 0, counts.sum() / ((counts > 0).sum() * counts.clamp(min=1)), 0.0).float()
 
 
 def group_dro_loss(per_sample, cell, q, step, adjust, world=1):
-    """Group DRO's online algorithm (Sagawa et al. 2020, Algorithm 1) over the label x group cells (cell = 2y + g).
+    """Group DRO's online algorithm (Sagawa et al. 2020, Algorithm 1) over the label x group cells (cell_index).
     Each cell's mean loss in the batch (0 for a cell the batch lacks) moves the cell weights q by exponentiated
     gradient ascent, q <- q exp(step (loss_cell + adjust_cell)) / Z, with adjust = C / sqrt(n_cell) the
     generalisation adjustment; the model then descends sum_cell q_cell loss_cell. -> (that loss times the global
@@ -234,18 +239,19 @@ class Objective:
     weighted by its label x group cell (group_weights); or with loss=group_dro, Group DRO's online cell weights,
     which move every step and are kept in the resume state (state_dict) and the log (log)."""
 
-    def __init__(self, c, labels, groups, device, world=1):
+    def __init__(self, c, labels, groups, n_classes, n_groups, device, world=1):
         """labels, groups: the train samples the run draws from (after train_groups), for the cell counts."""
-        self.c, self.world, self.cell_weights, self.q = c, world, None, None
+        self.c, self.world, self.n_groups, self.cell_weights, self.q = c, world, n_groups, None, None
+        n_cells = n_classes * n_groups
         if c.group_weights == "inverse":
-            self.cell_weights = inverse_cell_weights(labels, groups).to(device)
-        elif c.group_weights:  # 4 numbers, label-major: w00,w01,w10,w11
-            self.cell_weights = torch.tensor(configurator.cast("group_weights", c.group_weights, (1.0,) * 4),
+            self.cell_weights = inverse_cell_weights(labels, groups, n_cells, n_groups).to(device)
+        elif c.group_weights:  # C x G numbers, label-major (cell_index)
+            self.cell_weights = torch.tensor(configurator.cast("group_weights", c.group_weights, (1.0,) * n_cells),
                                              device=device)
         if c.loss == "group_dro":  # uniform cell weights to start; C / sqrt(n_cell) from the train counts
-            n_cell = torch.bincount(2 * labels + groups, minlength=4).float()
+            n_cell = torch.bincount(cell_index(labels, groups, n_groups), minlength=n_cells).float()
             self.adjust = torch.where(n_cell > 0, c.dro_adjust / n_cell.clamp(min=1).sqrt(), 0.0).to(device)
-            self.q = torch.full((4,), 0.25, device=device)
+            self.q = torch.full((n_cells,), 1 / n_cells, device=device)
 
     def per_sample(self, logits, y):
         if self.c.loss == "bce_smooth":  # two independent sigmoids against 0.9 / 0.1 targets for smoothing 0.1
@@ -259,10 +265,11 @@ class Objective:
     def __call__(self, logits, y, g):
         per_sample = self.per_sample(logits, y)
         if self.q is not None:
-            loss, self.q = group_dro_loss(per_sample, 2 * y + g, self.q, self.c.dro_step, self.adjust, self.world)
+            loss, self.q = group_dro_loss(per_sample, cell_index(y, g, self.n_groups), self.q, self.c.dro_step,
+                                          self.adjust, self.world)
             return loss
         if self.cell_weights is not None:
-            per_sample = per_sample * self.cell_weights[2 * y + g]
+            per_sample = per_sample * self.cell_weights[cell_index(y, g, self.n_groups)]
         return per_sample.sum()
 
     def state_dict(self):
@@ -276,7 +283,8 @@ class Objective:
         """Group DRO's cell weights, named as evaluate's cells, for the epoch's record; {} for a fixed loss."""
         if self.q is None:
             return {}
-        return {"dro_weights": {f"{k // 2} / {group_names[k % 2]}": float(v) for k, v in enumerate(self.q)}}
+        G = self.n_groups
+        return {"dro_weights": {f"{k // G} / {group_names[k % G]}": float(v) for k, v in enumerate(self.q)}}
 
 
 def lr_at(c, it, total):
@@ -315,10 +323,11 @@ def plot_curves(history, path):
 # the training run
 
 def check_data(c, meta, groups, n_train, world):
-    """Every check of the data against the config, before any work. -> whether val has both groups (then per-group
-    metrics and select=fair / worst_group work)."""
+    """Every check of the data against the config, before any work. -> (whether val has two or more groups: then
+    per-group metrics and select=fair / worst_group work; the number of groups G, of cells y * G + g)."""
     _, val_groups = data.load_labels(c.data_dir, "val")
-    fair = metrics.has_both_groups(val_groups)
+    fair = metrics.has_groups(val_groups)
+    n_groups = max(len(meta["groups"]), int(groups.max()) + 1 if len(groups) else 0)
     by_cell = [f"{k}={getattr(c, k)}" for k, off in (("train_groups", ""), ("sampler", "random"), ("group_weights", ""))
                if getattr(c, k) != off] + (["loss=group_dro"] if c.loss == "group_dro" else [])
     if c.batch_size % world:
@@ -327,14 +336,17 @@ def check_data(c, meta, groups, n_train, world):
     if len(meta["classes"]) < 2 or len(train_labels) < 2:
         raise UserError(f"{c.data_dir} has {len(train_labels)} class in its train split: a classifier needs two")
     if c.select != "accuracy" and not fair:
-        raise UserError(f"select={c.select} needs both groups in the val split of {c.data_dir}; use --select=accuracy")
+        raise UserError(f"select={c.select} needs two or more groups in the val split of {c.data_dir}; use "
+                        "--select=accuracy")
     if by_cell and (groups < 0).any():
         raise UserError(f"{', '.join(by_cell)} need group labels on every train sample")
-    if (c.group_weights or c.loss == "group_dro") and (len(meta["classes"]) != 2 or not fair):
-        raise UserError(f"{by_cell[-1]} needs a data set with 2 classes and 2 groups")
+    if (c.group_weights or c.loss == "group_dro") and not fair:
+        raise UserError(f"{by_cell[-1]} needs a data set with two or more groups")
+    if c.group_weights and c.group_weights != "inverse":  # C x G numbers, once G is known
+        configurator.cast("group_weights", c.group_weights, (1.0,) * (len(meta["classes"]) * n_groups))
     if n_train // world < c.batch_size // world:
         raise UserError(f"--batch_size={c.batch_size} is larger than the {n_train} training samples; lower it")
-    return fair
+    return fair, n_groups
 
 
 def train(cfg):
@@ -348,13 +360,13 @@ def train(cfg):
     labels, groups = data.load_labels(c.data_dir, "train")
     upsample = read_upsample(c.upsample, len(labels)) if c.upsample else None
     indices = train_indices(c, labels, groups, 0, upsample)
-    fair = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
+    fair, n_groups = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
     group_names = meta["groups"] or metrics.GROUP_NAMES
     kept = in_train_groups(c, groups)  # the samples the run draws from: their cell counts weigh the loss
-    objective = Objective(c, labels[kept], groups[kept], device, world)
+    objective = Objective(c, labels[kept], groups[kept], len(meta["classes"]), n_groups, device, world)
     aug_kw = data.augment_settings(c.augment, c.augment_kw)
 
     with run.run_dir(c.out_dir, c.resume, c.force, master):
@@ -514,8 +526,8 @@ def parse_config(argv, defaults=DEFAULTS, file=__file__, presets=PRESETS, choice
     with every check that needs no data (robust.py passes its own defaults, presets and files)."""
     cfg = configurator.parse(argv, defaults, file, presets=presets, choices=choices, aliases={"data": "data_dir"})
     data.augment_settings(cfg["augment"], cfg["augment_kw"])
-    if cfg["group_weights"] and cfg["group_weights"] != "inverse":
-        configurator.cast("group_weights", cfg["group_weights"], (1.0,) * 4)
+    if cfg["group_weights"] not in ("", "inverse"):  # numbers here; their count (C x G) once the data is read
+        configurator.cast("group_weights", cfg["group_weights"], (1.0,) * len(cfg["group_weights"].split(",")))
     need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
     need("lr", lambda v: v > 0, "the learning rate must be > 0")
     for key in ("batch_size", "eval_batch_size", "epochs", "img_size"):

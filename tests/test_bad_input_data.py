@@ -18,7 +18,6 @@ from PIL import Image
 
 import beton
 import data
-import sources
 from conftest import ROOT
 from conftest import data_fails as fails
 
@@ -356,7 +355,7 @@ def test_every_celeba_attribute_works_in_a_criterion(tmp_path):
         for expr, want in ((nm, attrs[nm]), (f"{nm} ^ Male", attrs[nm] ^ attrs["Male"]),
                            (f"not {nm} and Young", ~attrs[nm] & attrs["Young"]), (f"~({nm} | Bald)", ~(attrs[nm] |
                                                                                                        attrs["Bald"]))):
-            assert np.array_equal(sources.parse_criterion(expr, CELEBA_40)(attrs), want), expr
+            assert np.array_equal(data.parse_criterion(expr, CELEBA_40)(attrs), want), expr
     root = tmp_path / "celeba"
     celeba_official(root, rng)
     out = str(tmp_path / "out")

@@ -284,13 +284,13 @@ def test_criterion_parser_is_safe():
     names = ["Blond_Hair", "Eyeglasses", "Male", "Young"]
     a = {n: np.array([0, 1, 1, 0, 1]) > 0 for n in names}
     a["Eyeglasses"] = np.array([0, 0, 1, 1, 1]) > 0
-    f = sources.parse_criterion("Blond_Hair ^ Eyeglasses", names)
+    f = data.parse_criterion("Blond_Hair ^ Eyeglasses", names)
     assert f(a).tolist() == [False, True, False, True, False]
-    g = sources.parse_criterion("not Male and ~Eyeglasses | Young", names)  # Python precedence: | before and
+    g = data.parse_criterion("not Male and ~Eyeglasses | Young", names)  # Python precedence: | before and
     assert g(a).tolist() == [True, False, False, False, False]
     for bad in ("__import__('os').system('true')", "Blond_Hair + 1", "Hat", "Male.real", "Male ^", "[Male]"):
-        with pytest.raises(sources.DataError):
-            sources.parse_criterion(bad, names)
+        with pytest.raises(data.DataError):
+            data.parse_criterion(bad, names)
 
 
 def test_challenge_importer(tmp_path):

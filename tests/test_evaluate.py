@@ -158,4 +158,69 @@ def test_cli_without_group_labels(tiny, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "accuracy" in report and "fair_score" not in report
     out = capsys.readouterr().out
-    assert "does not hold both groups: overall metrics only" in out and "accuracy" in out
+    assert "does not hold two groups: overall metrics only" in out and "accuracy" in out
+
+
+# -----------------------------------------------------------------------------
+# k groups: --group_by regroups by stored attributes; thresholds per group; the frontier
+
+def test_group_by_intersections_equals_fairlearn(tiny, tmp_path, capsys):
+    fm = pytest.importorskip("fairlearn.metrics")
+    root, data_dir, ckpt = tiny
+    out = tmp_path / "by"
+    ev.main(["--ckpt", ckpt, "--data", data_dir, "--out", str(out), "--group_by=Male,Long_Hair", "--n_boot=200"])
+    report = json.loads((out / "report.json").read_text())
+    names = ["women & not Long_Hair", "women & Long_Hair", "men & not Long_Hair", "men & Long_Hair"]
+    assert report["group_names"] == names and report["group_by"] == "Male,Long_Hair"
+    attrs, attr_names = data.load_attrs(data_dir, "test")
+    male, long_hair = attrs[:, attr_names.index("Male")], attrs[:, attr_names.index("Long_Hair")]
+    g = 2 * male.astype(int) + long_hair
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    y, pred = np.array([int(r["label"]) for r in rows]), np.array([int(r["pred"]) for r in rows])
+    assert [int(r["group"]) for r in rows] == g.tolist()  # the regrouped ids, mixed radix
+    frame = fm.MetricFrame(metrics={"accuracy": lambda a, b: float((a == b).mean()), "tpr": fm.true_positive_rate},
+                           y_true=y, y_pred=pred, sensitive_features=np.array(names)[g])
+    for name in report["group_accuracy"]:
+        assert report["group_accuracy"][name] == pytest.approx(frame.by_group.loc[name, "accuracy"], abs=1e-12)
+        assert report["groups"][name]["tpr"] == pytest.approx(frame.by_group.loc[name, "tpr"], abs=1e-12)
+    for k in ("demographic_parity_difference", "equalized_odds_difference"):
+        assert report[k] == pytest.approx(getattr(fm, k)(y, pred, sensitive_features=g), abs=1e-12), k
+    acc = list(report["group_accuracy"].values())
+    assert report["fair_score"] == pytest.approx(np.mean(acc) - (max(acc) - min(acc)))
+    # the test split holds 40 faces: every group is too small to read, and the printout says so instead of ranking
+    assert sorted(report["small_groups"]) == sorted(report["group_accuracy"])
+    assert "too small to read (n < 30), not ranked" in capsys.readouterr().out
+    # thresholds for all four groups, fitted on val's regrouped faces; the frontier with both points
+    assert set(names) <= set(report["thresholds"]) and report["thresholds"]["objective"] == "fair"
+    t = np.array([report["thresholds"][n] for n in names])
+    assert [int(r["pred_thresholded"]) for r in rows] == (np.array([float(r["p_1"]) for r in rows]) > t[g]).tolist()
+    front = report["frontier"]
+    assert front["points"] and len(front["argmax"]) == 2 and len(front["thresholded"]) == 2
+    best = max(m - gap for m, gap in front["points"])
+    assert front["argmax"][0] - front["argmax"][1] <= best + 1e-12  # no operating point beats the frontier
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_constrained_threshold_objective_holds_on_val(tiny, tmp_path):
+    root, data_dir, ckpt = tiny
+    out = tmp_path / "eo"
+    ev.main(["--ckpt", ckpt, "--data", data_dir, "--split=val", "--out", str(out), "--n_boot=0",
+             "--threshold_objective=equalized_odds", "--threshold_tolerance=0.1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["thresholds"]["objective"] == "equalized_odds" and report["thresholds"]["tolerance"] == 0.1
+    assert report["thresholded"]["equalized_odds_difference"] <= 0.1 + 1e-12  # fitted and scored on val
+
+
+def test_thresholds_from_another_report_are_checked(tiny, tmp_path):
+    root, data_dir, ckpt = tiny
+    args = ["--ckpt", ckpt, "--data", data_dir, "--n_boot=0"]
+    bad = tmp_path / "report.json"
+    for thresholds, message in [
+            ({"women": 0.4, "men": 1.7, "fitted_on": "val"}, "thresholds are probabilities in [0, 1]"),
+            ({"women": 0.4, "men": 0.5, "tone 3": 0.5, "fitted_on": "val"}, "is for other groups or classes"),
+            ({"a": 0.4, "b": 0.5, "fitted_on": "val"}, "no per-group thresholds for women, men")]:
+        bad.write_text(json.dumps({"thresholds": thresholds}))
+        assert message in error_line(ev.main, [*args, f"--thresholds={bad}"])
+    bad.write_text(json.dumps({"classes": ["no", "yes"], "thresholds": {"women": 0.4, "men": 0.5}}))
+    assert "is for other groups or classes" in error_line(ev.main, [*args, f"--thresholds={bad}"])
+    assert "Nope" in error_line(ev.main, [*args, "--group_by=Male,Nope"])  # before any prediction

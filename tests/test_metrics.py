@@ -40,10 +40,21 @@ def test_compute_metrics_names_groups_in_order():
     assert "fair_score" not in metrics.compute_metrics(scores, LABEL, np.full(6, -1), fair=False)
 
 
-@pytest.mark.parametrize("groups", [[0, 0, 0], [0, 1, 2], [-1, -1, -1]])
-def test_fair_score_needs_exactly_two_groups(groups):
+def test_fair_score_over_k_groups_by_hand():
+    # mean of the accuracies minus their spread; for two groups exactly the challenge's formula
+    assert metrics.fair_score({0: 0.9, 1: 0.7, 2: 0.8}) == pytest.approx(0.8 - 0.2)
+    assert metrics.fair_score({0: 1.0, 1: 0.5, 2: 0.75, 3: 0.75}) == pytest.approx(0.75 - 0.5)
+    a, b = 0.8123, 0.6789
+    assert metrics.fair_score({0: a, 1: b}) == 0.5 * (a + b) - abs(a - b)  # bit for bit
+    # pred 1,1 | 0,0 | 1,0 against label 1,1 | 1,1 | 1,1: group accuracies 1, 0, 1/2
+    acc = metrics.group_accuracies([1, 1, 0, 0, 1, 0], [1] * 6, [0, 0, 1, 1, 2, 2])
+    assert metrics.fair_score(acc) == pytest.approx(0.5 - 1.0)
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 0], [-1, -1, -1]])
+def test_fair_score_needs_two_groups(groups):
     acc = metrics.group_accuracies(np.zeros(3), np.zeros(3), np.array(groups))
-    with pytest.raises(ValueError, match="exactly two groups"):
+    with pytest.raises(ValueError, match="two or more groups"):
         metrics.fair_score(acc)
 
 
@@ -116,16 +127,92 @@ def test_fit_group_thresholds_is_optimal_on_small_case():
     assert fitted == pytest.approx(best)
 
 
-def test_fit_group_thresholds_needs_both_groups():
-    with pytest.raises(ValueError, match="both groups"):
+def test_fit_group_thresholds_needs_two_groups():
+    with pytest.raises(ValueError, match="two or more groups"):
         metrics.fit_group_thresholds(np.zeros((4, 2)), np.array([0, 1, 0, 1]), np.zeros(4, dtype=int))
 
 
-def test_has_both_groups_and_selection_rule():
-    assert metrics.has_both_groups([0, 1, -1])
-    assert not metrics.has_both_groups([0, 0, -1]) and not metrics.has_both_groups([])
+def test_has_groups_and_selection_rule():
+    assert metrics.has_groups([0, 1, -1]) and metrics.has_groups([2, 4])
+    assert not metrics.has_groups([0, 0, -1]) and not metrics.has_groups([]) and not metrics.has_groups([-1, 3, 3])
     m = {"accuracy": 0.9, "fair_score": 0.7}
     assert metrics.selection_score(m, "fair") == 0.7 and metrics.selection_score(m, "accuracy") == 0.9
+
+
+def _three_groups(n, seed):
+    """Scores of a model that is shifted differently per group: group 1 pushed up, group 2 down and rarer."""
+    rng = np.random.default_rng(seed)
+    group = rng.choice(3, n, p=[0.45, 0.4, 0.15])
+    label = rng.integers(0, 2, n)
+    p = np.clip(0.5 + (label - 0.5) * 0.4 + rng.normal(0, 0.15, n) + np.array([0, 0.2, -0.15])[group], 0.01, 0.99)
+    return _logits(p), label, group
+
+
+def test_decide_uses_each_groups_threshold():
+    scores = _logits(np.array([0.3, 0.3, 0.3, 0.3, 0.7]))
+    group = np.array([0, 1, 2, -1, 5])  # -1 and an id beyond the list: 0.5
+    assert metrics.decide(scores, group, [0.2, 0.4, 0.25]).tolist() == [1, 0, 1, 0, 1]
+
+
+def test_fit_group_thresholds_three_groups_is_exact():
+    scores, label, group = _three_groups(36, seed=5)
+    t = metrics.fit_group_thresholds(scores, label, group)
+    assert len(t) == 3
+    fitted = metrics.fair_score(metrics.group_accuracies(metrics.decide(scores, group, t), label, group))
+    p = metrics.positive_prob(scores)
+    cands = np.concatenate([[0.0], np.sort(p)])
+    # exhaustive search over every triple of thresholds that change a decision
+    best = max(metrics.fair_score(metrics.group_accuracies((p > np.array(ts)[group]).astype(int), label, group))
+               for ts in itertools.product(cands, cands, cands))
+    assert fitted == pytest.approx(best)
+    base = metrics.fair_score(metrics.group_accuracies(metrics.decide(scores), label, group))
+    assert fitted > base
+    # a group id without samples gets 0.5 (argmax), and the list covers n_groups
+    assert metrics.fit_group_thresholds(scores, label, np.where(group == 1, 3, group), n_groups=5)[1::3] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("objective", ["equal_opportunity", "equalized_odds"])
+def test_constrained_thresholds_are_exact_and_within_tolerance(objective):
+    scores, label, group = _three_groups(30, seed=11)
+    tol = 0.2
+    t = metrics.fit_group_thresholds(scores, label, group, objective=objective, tolerance=tol)
+    p = metrics.positive_prob(scores)
+
+    def spread_ok(pred):
+        r = [metrics.rates(pred[group == g], label[group == g]) for g in range(3)]
+        keys = ("tpr", "fpr") if objective == "equalized_odds" else ("tpr",)
+        return all(max(x[k] for x in r) - min(x[k] for x in r) <= tol + 1e-12 for k in keys)
+
+    pred = metrics.decide(scores, group, t)
+    assert spread_ok(pred)
+    cands = np.concatenate([[0.0], np.sort(p)])
+    best = max(((p > np.array(ts)[group]).astype(int) == label).sum() for ts in itertools.product(cands, repeat=3)
+                if spread_ok((p > np.array(ts)[group]).astype(int)))
+    assert (pred == label).sum() == best
+
+
+def test_frontier_is_pareto_and_holds_the_fair_optimum():
+    scores, label, group = _three_groups(400, seed=2)
+    front = metrics.frontier(scores, label, group)
+    gaps, means = np.array([g for _, g in front]), np.array([m for m, _ in front])
+    assert (np.diff(gaps) > 0).all() and (np.diff(means) > 0).all()  # a rising staircase: no point dominates another
+    t = metrics.fit_group_thresholds(scores, label, group)
+    acc = list(metrics.group_accuracies(metrics.decide(scores, group, t), label, group).values())
+    best = max(m - g for m, g in front)
+    assert np.mean(acc) - (max(acc) - min(acc)) == pytest.approx(best)
+
+
+def test_k_group_metrics_flag_small_groups_and_cells():
+    scores, label, group = _three_groups(300, seed=4)
+    m = metrics.compute_metrics(scores, label, group, group_names=["a", "b", "c"], n_boot=200)
+    acc = metrics.group_accuracies(metrics.decide(scores), label, group)
+    assert m["fair_score"] == pytest.approx(metrics.fair_score(acc))
+    lo, hi = m["fair_score_ci"]
+    assert lo < m["fair_score"] < hi
+    assert set(m["group_accuracy_ci"]) == {"a", "b", "c"}
+    assert m["small_groups"] == [k for k, g in m["groups"].items() if g["n"] < 30]
+    assert m["small_cells"] == [k for k, n in m["cell_n"].items() if n < 30] and m["small_cells"]
+    assert sum(m["cell_n"].values()) == 300
 
 
 # -----------------------------------------------------------------------------
@@ -141,33 +228,41 @@ def _case(name):
         label = np.where(group == 1, 0, label)
     if name == "all_predicted_class_0":  # selection rate 0 everywhere: DP difference 0, DP ratio nan (0 / 0)
         scores = np.stack([np.ones(n), np.zeros(n)], 1)
+    if name == "five_groups":  # FairFace-like: k groups of unequal sizes, one of them without positives
+        group = rng.choice(5, n, p=[0.35, 0.25, 0.2, 0.15, 0.05])
+        label = np.where(group == 3, 0, label)
     return scores, label, group
 
 
-@pytest.mark.parametrize("case", ["random", "men_without_positives", "all_predicted_class_0"])
+CASES = ["random", "men_without_positives", "all_predicted_class_0", "five_groups"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_group_metrics_equal_fairlearn(case):
     fm = pytest.importorskip("fairlearn.metrics")
     skm = pytest.importorskip("sklearn.metrics")
     scores, y, g = _case(case)
+    names = ["women", "men"] if g.max() == 1 else [f"g{k}" for k in range(g.max() + 1)]
     pred, p = scores.argmax(1), metrics.positive_prob(scores)
-    m = metrics.compute_metrics(scores, y, g, n_boot=0)
+    m = metrics.compute_metrics(scores, y, g, group_names=names, n_boot=0)
     frame = fm.MetricFrame(metrics={"selection_rate": fm.selection_rate, "tpr": fm.true_positive_rate,
                                     "fpr": fm.false_positive_rate, "fnr": fm.false_negative_rate,
                                     "accuracy": skm.accuracy_score},
-                           y_true=y, y_pred=pred, sensitive_features=np.array(["women", "men"])[g])
+                           y_true=y, y_pred=pred, sensitive_features=np.array(names)[g])
+    assert sorted(m["groups"]) == sorted(frame.by_group.index)
     for name, row in m["groups"].items():
+        k_of = g == names.index(name)
         for k in ("selection_rate", "tpr", "fpr", "fnr", "accuracy"):
             assert row[k] == pytest.approx(frame.by_group.loc[name, k], abs=1e-12), (name, k)
-        assert row["ppv"] == pytest.approx(skm.precision_score(y[g == (name == "men")], pred[g == (name == "men")],
-                                                               zero_division=0), abs=1e-12)
-        assert row["auroc"] == pytest.approx(skm.roc_auc_score(y[g == (name == "men")], p[g == (name == "men")])
-                                             if case != "men_without_positives" or name == "women" else np.nan,
-                                             abs=1e-12, nan_ok=True)
+        assert row["ppv"] == pytest.approx(skm.precision_score(y[k_of], pred[k_of], zero_division=0), abs=1e-12)
+        assert row["auroc"] == pytest.approx(skm.roc_auc_score(y[k_of], p[k_of]) if len(set(y[k_of])) == 2 else
+                                             np.nan, abs=1e-12, nan_ok=True)
     expected = {
         "demographic_parity_difference": fm.demographic_parity_difference(y, pred, sensitive_features=g),
         "demographic_parity_ratio": fm.demographic_parity_ratio(y, pred, sensitive_features=g),
         "equalized_odds_difference": fm.equalized_odds_difference(y, pred, sensitive_features=g),
         "equalized_odds_difference_mean": fm.equalized_odds_difference(y, pred, sensitive_features=g, agg="mean"),
+        "equalized_odds_ratio": fm.equalized_odds_ratio(y, pred, sensitive_features=g),
         "equal_opportunity_difference": fm.equal_opportunity_difference(y, pred, sensitive_features=g),
         "accuracy_difference": frame.difference()["accuracy"],
     }

@@ -100,14 +100,14 @@ def test_group_dro_resume_is_exact_and_logs_the_weights(tiny_data, tmp_path):
 # reweighting and the samplers (Idrissi et al. 2022)
 
 def test_inverse_cell_weights():
-    w = train_vit.inverse_cell_weights(LABELS, GROUPS)
+    w = train_vit.inverse_cell_weights(LABELS, GROUPS, 4, 2)
     assert w.tolist() == pytest.approx([12 / (4 * 6), 12 / (4 * 2), 12 / (4 * 3), 12 / (4 * 1)])
     per_sample = w[2 * LABELS + GROUPS]
     assert per_sample.mean().item() == pytest.approx(1.0)  # the loss keeps its scale
     totals = torch.zeros(4).index_add_(0, 2 * LABELS + GROUPS, per_sample)
     assert torch.allclose(totals, totals[0].expand(4))  # every cell weighs the same in all
     # an empty cell gets weight 0, the others share the weight evenly
-    assert train_vit.inverse_cell_weights(LABELS[:8], GROUPS[:8]).tolist() == pytest.approx([8 / 12, 2.0, 0, 0])
+    assert train_vit.inverse_cell_weights(LABELS[:8], GROUPS[:8], 4, 2).tolist() == pytest.approx([8 / 12, 2.0, 0, 0])
 
 
 def test_subsample_gives_equal_cells_redrawn_each_epoch():
@@ -151,7 +151,7 @@ def test_config_of_the_methods():
     assert (cpu["select"], cpu["init"], cpu["data_dir"]) == ("worst_group", "scratch", "data/robust")
     assert (gpu["select"], gpu["init"], gpu["img_size"], gpu["loss"]) == ("worst_group", "dino", 80, "ce")
     for main, args, message in [
-            (train_vit.main, ["--group_weights=inverted"], "--group_weights=inverted needs 4 comma-separated values"),
+            (train_vit.main, ["--group_weights=inverted"], "--group_weights=inverted is not a float"),
             (train_vit.main, ["--loss=group_dro", "--group_weights=inverse"], "loss=group_dro weighs the cells itself"),
             (train_vit.main, ["--dro_step=-1"], "--dro_step=-1.0: must be >= 0"),
             (train_vit.main, ["--jtt_epochs=1"], "unknown key --jtt_epochs"),  # robust.py's, not the recipe's

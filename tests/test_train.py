@@ -41,7 +41,7 @@ def test_config_overrides_presets_and_types():
     ("--out-dir=x", "did you mean --out_dir?"),
     ("--epochs=2.5", "--epochs=2.5 is not an int"),
     ("--lr=fast", "--lr=fast is not a float"),
-    ("--group_weights=1,2", "--group_weights=1,2 needs 4 comma-separated values"),
+    ("--group_weights=1,x", "--group_weights=x is not a float"),
     ("--augment=strong", "--augment=strong is not one of: full, weak, none"),
     ("--resume=maybe", "is not a bool"),
     ("--loss=mse", "--loss=mse is not one of"),
@@ -70,7 +70,7 @@ def test_schedule_matches_transformers_cosine_with_warmup():
 
 def test_bce_smooth_loss_by_hand():
     c = lambda **kw: train_vit.SimpleNamespace(**{"loss": "bce_smooth", "smoothing": 0.1, "group_weights": "", **kw})
-    objective = lambda **kw: train_vit.Objective(c(**kw), None, None, "cpu")
+    objective = lambda **kw: train_vit.Objective(c(**kw), None, None, 2, 2, "cpu")
     logits, y, g = torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([0, 1]), torch.tensor([0, 1])
     bce = lambda z, t: -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
     expected = bce(2.0, 0.9) + bce(-1.0, 0.1) + bce(0.5, 0.1) + bce(0.5, 0.9)  # summed, 0.9 / 0.1 targets
@@ -82,6 +82,26 @@ def test_bce_smooth_loss_by_hand():
     assert objective(loss="focal", focal_gamma=0.0)(logits, y, g).item() == pytest.approx(ce.item(), rel=1e-6)
     assert objective(loss="ce")(logits, y, g).item() == pytest.approx(ce.item(), rel=1e-6)
     assert objective().state_dict() == {} and objective().log(["women", "men"]) == {}  # no state but Group DRO's
+
+
+def test_cells_of_three_groups_stay_apart():
+    # 2 classes x 3 groups: cell y * 3 + g, so (0, 2) and (1, 0) are different cells (2y + g merged them)
+    labels, groups = torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([2, 2, 0, 1, 1, 0])
+    assert train_vit.cell_index(labels, groups, 3).tolist() == [2, 2, 3, 4, 4, 0]
+    w = train_vit.inverse_cell_weights(labels, groups, 6, 3)
+    assert w.tolist() == pytest.approx([6 / (4 * 1), 0, 6 / (4 * 2), 6 / (4 * 1), 6 / (4 * 2), 0])
+    c = train_vit.SimpleNamespace(loss="group_dro", group_weights="", dro_adjust=0.0, dro_step=0.5)
+    objective = train_vit.Objective(c, labels, groups, 2, 3, "cpu")
+    assert objective.q.tolist() == pytest.approx([1 / 6] * 6)
+    objective(torch.zeros(6, 2), labels, groups)  # equal losses: the four non-empty cells rise alike
+    q = objective.q.tolist()
+    assert q[1] == q[5] < q[0] == q[2] == q[3] == q[4]
+    assert list(objective.log(["a", "b", "c"])["dro_weights"]) == ["0 / a", "0 / b", "0 / c", "1 / a", "1 / b", "1 / c"]
+
+
+def test_group_weights_count_follows_the_data(tiny_data, tmp_path):
+    message = error_line(train_vit.main, [f"--data={tiny_data}", f"--out_dir={tmp_path}", "--group_weights=1,2"])
+    assert "--group_weights=1,2 needs 4 comma-separated values" in message  # 2 classes x 2 groups
 
 
 def test_train_indices_balanced_and_groups():
