@@ -15,7 +15,7 @@ ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint data demo train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
+.PHONY: help setup test lint data demo demo-groups train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ demo: setup data/demo/meta.json  ## offline end-to-end run on the synthetic set:
 	$(PY) train_vit.py --config=demo --data=data/demo --out_dir=runs/demo --force $(ARGS)
 	$(PY) evaluate.py --ckpt runs/demo/best.safetensors --data data/demo --split test --out runs/demo/eval --card
 	$(PY) attention.py --ckpt runs/demo/best.safetensors --data data/demo --split test --n 8 --out runs/demo/attention
+
+demo-groups: setup data/tones/meta.json  ## offline, 5 groups: skin-tone bins (one rare, dim); evaluate by tone and gender x tone
+	$(PY) train_vit.py --config=demo --data=data/tones --out_dir=runs/tones --force $(ARGS)
+	$(PY) evaluate.py --ckpt runs/tones/best.safetensors --data data/tones --split test --out runs/tones/eval
+	$(PY) evaluate.py --ckpt runs/tones/best.safetensors --data data/tones --split test --group_by=Male,Skin \
+	  --out runs/tones/eval_gender_tone
 
 train: setup  ## train the original solution's recipe (CONFIG=recipe; a GPU job) on data/$(DATA) into runs/seed$(SEED)
 	$(PY) train_vit.py --config=$(CONFIG) --data=data/$(DATA) --seed=$(SEED) --out_dir=runs/seed$(SEED) $(ARGS)
@@ -86,6 +92,9 @@ gpu-check: setup  ## the GPU acceptance: CUDA tests, bench at 80/224, a recipe e
 # the offline synthetic sets, built on first use (the .venv/.done prerequisite is order-only: no rebuild on setup)
 data/demo/meta.json: | .venv/.done
 	$(PY) data.py synthetic --n 12000 --out data/demo
+
+data/tones/meta.json: | .venv/.done
+	$(PY) data.py synthetic --n 12000 --skin_tones=5 --group=Skin --out data/tones
 
 data/robust/meta.json: | .venv/.done  # Blond_Hair x Male with CelebA's rare cell (blond men, 1%), 40x40
 	$(PY) data.py synthetic --n=20000 --size=40 --criterion=Blond_Hair --group=Male --cells=0.44,0.14,0.41,0.01 \

@@ -77,32 +77,33 @@ def plot_report(report, path):
     import matplotlib.pyplot as plt
 
     names = list(report.get("group_accuracy", {}))
-    fig = plt.figure(figsize=(20, 8.5))
+    cells = report.get("cell_accuracy", {})
+    fig = plt.figure(figsize=(20, 8.5 + 0.12 * max(0, len(cells) - 8)))  # room for the names of many cells
     grid = fig.add_gridspec(2, 4)
     acc_ax, cell_ax, gap_ax, front_ax, roc_ax, rel_ax = (fig.add_subplot(grid[k // 4, k % 4]) for k in range(6))
     cm_ax = fig.add_subplot(grid[1, 2:])
     small = set(report.get("small_groups", []))
     variants = [("argmax", report)] + ([("thresholded", report["thresholded"])] if "thresholded" in report else [])
     err = lambda value, ci: np.abs(np.array(ci, dtype=float).reshape(-1, 2).T - np.array(value, dtype=float))
-    if names:
+    if names:  # horizontal bars, first group on top: the names stay readable for 2 groups or 20
         for k, (label, m) in enumerate(variants):
             acc = [m["group_accuracy"][n] for n in names]
             ci = [m["group_accuracy_ci"][n] for n in names] if "group_accuracy_ci" in m else None
             fair = f": fair {m['fair_score']:.3f}" if "fair_score" in m else ""
-            acc_ax.bar(np.arange(len(names)) + 0.4 * k, acc, width=0.4, label=label + fair, capsize=4,
-                       yerr=None if ci is None else err(acc, ci), color=f"C{k}",
-                       hatch=["//" if n in small else "" for n in names])
-        acc_ax.set_xticks(np.arange(len(names)) + 0.2 * (len(variants) - 1),
-                          [f"{n}\nn={report['groups'][n]['n']}" for n in names], rotation=20 if len(names) > 3 else 0,
-                          fontsize=7)
-        acc_ax.set_ylim(max(0.0, min(report["group_accuracy"].values()) - 0.2), 1.0)
-        acc_ax.legend(fontsize=7, loc="lower right")
-        cells = report["cell_accuracy"]
-        cell_ax.bar(range(len(cells)), list(cells.values()),
-                    color=["tab:red" if c == report["worst_group"] else "tab:blue" for c in cells])
-        cell_ax.set_xticks(range(len(cells)), list(cells), rotation=20, fontsize=7)
+            acc_ax.barh(np.arange(len(names)) + 0.4 * k, acc, height=0.4, label=label + fair, capsize=3,
+                        xerr=None if ci is None else err(acc, ci), color=f"C{k}",
+                        hatch=["//" if n in small else "" for n in names])
+        acc_ax.set_yticks(np.arange(len(names)) + 0.2 * (len(variants) - 1),
+                          [f"{n} (n={report['groups'][n]['n']})" for n in names], fontsize=7)
+        acc_ax.set_xlim(max(0.0, min(report["group_accuracy"].values()) - 0.2), 1.0)
+        acc_ax.invert_yaxis()
+        acc_ax.legend(fontsize=7, loc="lower left")
+        cell_ax.barh(range(len(cells)), list(cells.values()),
+                     color=["tab:red" if c == report["worst_group"] else "tab:blue" for c in cells])
+        cell_ax.set_yticks(range(len(cells)), list(cells), fontsize=7 if len(cells) <= 8 else 5)
+        cell_ax.invert_yaxis()
         cell_ax.set(title=f"label x group cells: worst {report['worst_group_accuracy']:.3f} (red), "
-                          f"mean {report['mean_cell_accuracy']:.3f}", ylim=(0, 1))
+                          f"mean {report['mean_cell_accuracy']:.3f}", xlim=(0, 1))
         gap_keys = [k for k in ("demographic_parity_difference", "equalized_odds_difference",
                                 "equal_opportunity_difference", "accuracy_difference") if k in report]
         values = [report[k] for k in gap_keys]
@@ -111,7 +112,7 @@ def plot_report(report, path):
         gap_ax.set_yticks(range(len(gap_keys)), [k.replace("_", " ") for k in gap_keys], fontsize=7)
         gap_ax.set(title="between-group differences (0 = parity)", xlim=(0, None))
         title = f"accuracy {report['accuracy']:.3f}; per group (95% CI)"
-        acc_ax.set(title=title + (f"; hatched: n < {metrics.SMALL_GROUP}" if small else ""), ylabel="accuracy")
+        acc_ax.set(title=title + (f"; hatched: n < {metrics.SMALL_GROUP}" if small else ""), xlabel="accuracy")
         plot_frontier(front_ax, report.get("frontier"))
     else:  # no groups in this split: the top row has nothing to show
         for ax in (acc_ax, cell_ax, gap_ax, front_ax):
@@ -131,8 +132,10 @@ def plot_report(report, path):
     rel_ax.set(title="reliability (15 bins of top-label confidence)", xlabel="confidence", ylabel="accuracy",
                xlim=(0, 1), ylim=(0, 1))
     for ax in (roc_ax, rel_ax):
-        ax.legend(fontsize=7, loc="lower right")
-    matrices = report.get("group_confusion") or {"all": report["confusion"]}
+        ax.legend(fontsize=7 if len(names) <= 4 else 5, loc="lower right")
+    matrices = report.get("group_confusion") or {}
+    if not 0 < len(matrices) <= 4:  # beyond 4 groups the matrices would be unreadable: report.json holds them
+        matrices = {"all groups": report["confusion"]}
     C = len(report["confusion"])
     grid = np.full((C, len(matrices) * (C + 1) - 1), np.nan)  # the matrices side by side, a blank column between
     for k, (name, cm) in enumerate(matrices.items()):
@@ -190,9 +193,10 @@ def print_table(report):
     if len(names) > 2 or small:  # many groups: ranked, each with its n and CI; the unreadable ones apart
         ranked = sorted((n for n in names if n not in small), key=report["group_accuracy"].get)
         print("groups, worst first (argmax; n, accuracy, 95% CI):")
+        width = max(map(len, names))
         for n in ranked + small:
             acc_ci = report.get("group_accuracy_ci", {}).get(n)
-            print(f"  {n:24s} n={report['groups'][n]['n']:<6d} {report['group_accuracy'][n]:.4f}"
+            print(f"  {n:{width}s} n={report['groups'][n]['n']:<6d} {report['group_accuracy'][n]:.4f}"
                   + (f" [{acc_ci[0]:.3f}, {acc_ci[1]:.3f}]" if acc_ci else "")
                   + (f"  too small to read (n < {metrics.SMALL_GROUP}), not ranked" if n in small else ""))
     if "thresholds" in report:

@@ -34,13 +34,11 @@ import celeba
 import configurator
 import data
 import faces
+import fairface
 from beton import DataError, decode_images, list_files, need_dir, need_space, read_text, relative_path
 from data import SPLITS
 
 CHALLENGE_CELLS = (0.44, 0.145, 0.365, 0.05)  # (label 0, women), (1, women), (0, men), (1, men), as in the challenge
-# HuggingFaceM4/FairFace's main branch as found (commit "Update README.md", after both margins' train and validation
-# shards were uploaded): https://huggingface.co/datasets/HuggingFaceM4/FairFace/tree/54d573cdb8b5af490ba8da9da2799628f6e5c496
-FAIRFACE_REVISION = "54d573cdb8b5af490ba8da9da2799628f6e5c496"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command-line defaults, one dict per source: `python data.py SOURCE --help` prints them with these comments
@@ -99,7 +97,7 @@ FAIRFACE = dict(
     **OUTPUT,
     root="",
     margin="0.25",  # the Hub's crop around the face: 0.25|1.25 (tight or with context; --root: the images there)
-    revision=FAIRFACE_REVISION,
+    revision=fairface.FAIRFACE_REVISION,
     criterion="Male",
     group="Race",
     val_frac=0.1,
@@ -451,90 +449,6 @@ def celeba_source(cfg, scratch):
 # The field's fairness face sets (FairFace, UTKFace) and any labelled set listed in a CSV. Each reads its table first,
 # splits it by label x group, then decodes the images straight into their splits (_decode_splits)
 
-FAIRFACE_REPO = "HuggingFaceM4/FairFace"
-# the Hub's class order (its card: https://huggingface.co/datasets/HuggingFaceM4/FairFace), which the released CSVs
-# spell out; the Hub's gender is 0 = Male, 1 = Female, stored here as Male (1 = men) so that group 0 is women
-FAIRFACE_AGES = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
-FAIRFACE_RACES = ("East Asian", "Indian", "Black", "White", "Middle Eastern", "Latino_Hispanic", "Southeast Asian")
-FAIRFACE_ATTRS = ("Male", "Age", "Race", "service_test")
-FAIRFACE_CODES = {"gender": ("Female", "Male"), "age": FAIRFACE_AGES, "race": FAIRFACE_RACES,
-                  "service_test": ("False", "True")}  # the CSV's columns -> our codes, in FAIRFACE_ATTRS' order
-FAIRFACE_SPLITS = {"train": "train", "validation": "test", "val": "test"}  # the released val is our test split
-FAIRFACE_OFFLINE = ("cannot download FairFace from the Hugging Face Hub ({}). Either pass --root DIR with the "
-                    "released images and fairface_label_train.csv, fairface_label_val.csv, or with the "
-                    "HuggingFaceM4/FairFace parquet shards, or build the offline synthetic set: make data "
-                    "DATA=synthetic")
-
-
-def _fairface_csv(root, skipped):
-    """ROOT/fairface_label_{train,val}.csv (file,age,gender,race,service_test; file like train/1.jpg, relative to
-    ROOT) -> (image paths, names, attrs uint8 [n, 4], released split 0 train / 1 val); listed files that are not
-    there are skipped."""
-    names, attrs, released = [], [], []
-    for k, which in enumerate(("train", "val")):
-        path = os.path.join(root, f"fairface_label_{which}.csv")
-        if not os.path.isfile(path):
-            raise DataError(f"label file not found: {path} (--root holds fairface_label_train.csv, "
-                            "fairface_label_val.csv and the images; an empty --root downloads the Hub's copy)")
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        if not {"file", *FAIRFACE_CODES} <= set(reader.fieldnames or ()):
-            raise DataError(f"{path}: expected a header file,{','.join(FAIRFACE_CODES)}")
-        for lineno, r in enumerate(reader, 2):
-            where = f"{path}:{lineno}"
-            codes = []
-            for col, allowed in FAIRFACE_CODES.items():
-                value = (r[col] or "").strip()
-                lowered = [a.lower() for a in allowed]
-                if value.lower() not in lowered:
-                    raise DataError(f"{where}: {col} {value!r} is not one of {', '.join(allowed)}")
-                codes.append(lowered.index(value.lower()))
-            names.append(relative_path((r["file"] or "").strip(), where, root))
-            attrs.append(codes)
-            released.append(k)
-    found = np.array([os.path.isfile(os.path.join(root, nm)) for nm in names], bool)
-    if not found.any():
-        raise DataError(f"none of the {len(names)} images the FairFace label files list is under {root}")
-    skipped += [dict(file=nm, reason="listed in a label file, not under --root") for nm, f in zip(names, found)
-                if not f]
-    names = [nm for nm, f in zip(names, found) if f]
-    return ([os.path.join(root, nm) for nm in names], names, np.array(attrs, np.uint8)[found],
-            np.array(released, np.int64)[found])
-
-
-def _fairface_parquet(shards):
-    """{"train": [paths], "test": [paths]}: the Hub's shards of the released train and val -> (image chunks, names
-    shard:row, attrs uint8 [n, 4], released split 0 train / 1 val)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    files, names, attrs, released = [], [], [], []
-    for k, which in enumerate(("train", "test")):
-        for path in shards[which]:
-            try:
-                f = pq.ParquetFile(path)
-                table = f.read(columns=["gender", "age", "race", "service_test"]) if {
-                    "image", *FAIRFACE_CODES} <= set(f.schema_arrow.names) else None
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"a FairFace parquet shard is not readable ({type(e).__name__}: {e})") from None
-            cols = None if table is None else [table.column(c).to_numpy(zero_copy_only=False).astype(np.int64)
-                                                for c in ("gender", "age", "race", "service_test")]
-            if cols is None or any(((c < 0) | (c >= n)).any() for c, n in zip(cols, (2, 9, 7, 2))):
-                raise DataError(f"{path}: not a HuggingFaceM4/FairFace shard (columns image, age, gender, race, "
-                                "service_test with the card's codes)")
-            attrs.append(np.stack([1 - cols[0], *cols[1:]], 1).astype(np.uint8))  # Hub gender 0 = Male
-            names += [f"{os.path.basename(path)}:{i}" for i in range(len(table))]
-            released += [k] * len(table)
-            files.append(f)
-
-    def chunks():
-        start = 0
-        for f in files:
-            for batch in f.iter_batches(batch_size=1024, columns=["image"]):
-                blobs = [b or b"" for b in batch.column("image").field("bytes").to_pylist()]  # none: unreadable
-                yield np.arange(start, start + len(blobs)), blobs
-                start += len(blobs)
-    return chunks(), names, np.concatenate(attrs), np.array(released, np.int64)
-
-
 def fairface_source(cfg, scratch):
     """FairFace (Karkkainen & Joo, 2021): the Hub's HuggingFaceM4/FairFace parquet at a pinned revision (--margin
     0.25 or 1.25; downloaded shard by shard, resumable, size- and sha256-checked), a folder of those shards, or --root
@@ -543,31 +457,17 @@ def fairface_source(cfg, scratch):
     Age (9 bins), Race (7) and service_test; label and groups by --criterion and --group (default: gender across the 7
     race groups). The released val split is the test split; val is carved from the released train, stratified by
     label x group (--val_frac, seeded). Unreadable and missing images are skipped and counted."""
-    root, margin, skipped = cfg["root"], cfg["margin"], []
-    values = {"Age": list(FAIRFACE_AGES), "Race": list(FAIRFACE_RACES)}
-    _labels_and_groups(np.zeros((0, len(FAIRFACE_ATTRS)), np.uint8), FAIRFACE_ATTRS, values, cfg)  # before a download
-    if root:  # the shards of one margin (a snapshot of the Hub's repository holds both), or the released files
-        folder = os.path.join(root, margin) if os.path.isdir(os.path.join(root, margin)) else need_dir(root)
-        shards = [os.path.join(folder, f) for f in list_files(folder) if f.endswith(".parquet")]
-        where = folder if shards else root
-    else:
-        shards = beton.hub_parquet(FAIRFACE_REPO, margin, cfg["revision"], FAIRFACE_OFFLINE)
-        where = f"{FAIRFACE_REPO}/{margin}"
-    if shards:
-        shards = beton.shards_by_split(shards, FAIRFACE_SPLITS)
-        if set(shards) != {"train", "test"}:
-            raise DataError(f"{where}: need the train-* and validation-*.parquet shards, found "
-                            f"{sorted(shards) or 'neither'}")
-        chunks, names, attrs, released = _fairface_parquet(shards)
-    else:
-        paths, names, attrs, released = _fairface_csv(root, skipped)
-        chunks = [(np.arange(len(paths)), paths)]
-    labels, groups, classes, group_names = _labels_and_groups(attrs, FAIRFACE_ATTRS, values, cfg)
-    split_of, train = np.full(len(names), 2, np.int64), np.flatnonzero(released == 0)
+    values = {"Age": list(fairface.FAIRFACE_AGES), "Race": list(fairface.FAIRFACE_RACES)}
+    names = fairface.FAIRFACE_ATTRS
+    _labels_and_groups(np.zeros((0, len(names)), np.uint8), names, values, cfg)  # checked before a download
+    skipped = []
+    chunks, files, attrs, released, where = fairface.load(cfg["root"], cfg["margin"], cfg["revision"], skipped)
+    labels, groups, classes, group_names = _labels_and_groups(attrs, names, values, cfg)
+    split_of, train = np.full(len(files), 2, np.int64), np.flatnonzero(released == 0)
     split_of[train] = _parts(labels[train], groups[train], [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
-    splits = _decode_splits(chunks, split_of, names, dict(labels=labels, groups=groups, attrs=attrs), cfg["size"],
+    splits = _decode_splits(chunks, split_of, files, dict(labels=labels, groups=groups, attrs=attrs), cfg["size"],
                             scratch, skipped, where)
-    return dict(splits=splits, classes=classes, groups=group_names, attributes=list(FAIRFACE_ATTRS),
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=list(names),
                 attribute_values=values, criterion=cfg["criterion"], skipped=skipped)
 
 
@@ -618,7 +518,7 @@ def utkface_source(cfg, scratch):
     names = list(fields)
     age, male, race = np.array(list(fields.values()), np.int64).T
     attrs = np.stack([male, np.searchsorted(AGE_EDGES, age, side="right"), race], 1).astype(np.uint8)
-    values = {"Age": list(FAIRFACE_AGES), "Race": list(UTKFACE_RACES)}
+    values = {"Age": list(fairface.FAIRFACE_AGES), "Race": list(UTKFACE_RACES)}
     labels, groups, classes, group_names = _labels_and_groups(attrs, UTKFACE_ATTRS, values, cfg)
     split_of = _parts(labels, groups, _fractions(cfg["split"]), cfg["seed"])
     splits = _decode_splits([(np.arange(len(names)), [os.path.join(folder, nm) for nm in names])], split_of, names,

@@ -15,6 +15,7 @@ import beton
 import configurator
 import data
 import faces
+import fairface
 import sources
 from conftest import data_fails as fails
 
@@ -147,8 +148,8 @@ def test_synthetic_k_groups_by_skin_tone(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # FairFace: the released CSVs, and the Hub's parquet
 
-RACES = list(sources.FAIRFACE_RACES)
-AGES = list(sources.FAIRFACE_AGES)
+RACES = list(fairface.FAIRFACE_RACES)
+AGES = list(fairface.FAIRFACE_AGES)
 
 
 def fairface_rows(n):
@@ -274,7 +275,7 @@ def test_fairface_from_the_hub_parquet(tmp_path, monkeypatch):
     monkeypatch.setattr(beton, "hub_parquet", download)
     out = str(tmp_path / "out")
     data.main(["fairface", "--size=16", "--group=Male", f"--out_dir={out}"])
-    assert asked == [("HuggingFaceM4/FairFace", "0.25", sources.FAIRFACE_REVISION)]
+    assert asked == [("HuggingFaceM4/FairFace", "0.25", fairface.FAIRFACE_REVISION)]
     meta = check_fairface(out, rows)
     assert [s["file"] for s in meta["skipped"]] == ["train-00000-of-00002-abc.parquet:3"]
     n_train, n_val, n_test = (meta["splits"][s]["n"] for s in data.SPLITS)
