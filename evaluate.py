@@ -176,11 +176,13 @@ def print_table(report):
     ci = lambda m, k: f" [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" if k + "_ci" in m else ""
     variants = [("argmax", report)] + ([("thresholded", report["thresholded"])] if "thresholded" in report else [])
     for label, m in variants:
-        line = f"{label:11s} accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}"
+        line = (f"{label:11s} accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  macro-F1 "
+                f"{m['macro_f1']:.4f}  F1 {m['f1']:.4f}")
         line += f"  AUROC {m['auroc']:.4f}  ECE {m['ece']:.4f}" if label == "argmax" and "auroc" in m else ""
         print(line)
         if names:
             print(f"{'':11s} " + "  ".join(f"{n} {m['group_accuracy'][n]:.4f}" for n in names))
+            print(f"{'':11s} balanced " + "  ".join(f"{n} {m['groups'][n]['balanced_accuracy']:.4f}" for n in names))
             if "fair_score" in m:
                 print(f"{'':11s} fair {m['fair_score']:.4f}{ci(m, 'fair_score')}")
             print(f"{'':11s} worst group {m['worst_group_accuracy']:.4f}{ci(m, 'worst_group_accuracy')} "

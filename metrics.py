@@ -5,10 +5,10 @@ metric, 0.5 * (acc_women + acc_men) - |acc_women - acc_men|. Groups follow data.
 1 = men), -1 = unknown (left out of per-group numbers, kept in overall ones).
 Names follow fairlearn where fairlearn has the metric (selection rate, TPR, FPR, demographic parity and equalized odds
 differences), and the label x group cells are those of the group-robustness literature (worst-group accuracy).
-Offers: group_accuracies, fair_score, confusion, f1, rates, auroc, roc_curve, calibration, gaps, cell_accuracies,
-bootstrap_ci, positive_prob, decide, fit_group_thresholds and frontier (per-group thresholds), has_groups, SELECT and
-selection_score (the one best-checkpoint rule), and compute_metrics (all of them for one split, as report.json and
-log.jsonl hold them).
+Offers: group_accuracies, fair_score, confusion, f1, balanced_accuracy, macro_f1, rates, auroc, roc_curve,
+calibration, gaps, cell_accuracies, bootstrap_ci, positive_prob, decide, fit_group_thresholds and frontier (per-group
+thresholds), has_groups, SELECT and selection_score (the one best-checkpoint rule), and compute_metrics (all of them
+for one split, as report.json and log.jsonl hold them).
 """
 
 import numpy as np
@@ -59,6 +59,24 @@ def f1(cm):
     denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)  # 2tp + fp + fn
     per_class = np.divide(2 * tp, denom, out=np.zeros(len(cm)), where=denom > 0)
     return float(per_class[1] if len(cm) == 2 else per_class.mean())
+
+
+def balanced_accuracy(cm):
+    """The mean recall over the classes present (rows with samples), as scikit-learn's balanced_accuracy_score: what
+    an imbalanced task (1:18 masked faces) should be judged by, since the trivial model scores 1 / C on it."""
+    cm = np.asarray(cm)
+    n = cm.sum(1)
+    return float(np.mean(np.diag(cm)[n > 0] / n[n > 0])) if (n > 0).any() else float("nan")
+
+
+def macro_f1(cm):
+    """F1 averaged over the classes that occur as a label or a prediction, as scikit-learn's f1_score(average="macro")
+    (a class without any true positive, predicted or not, counts 0)."""
+    cm = np.asarray(cm)
+    tp = np.diag(cm)
+    seen = (cm.sum(0) + cm.sum(1)) > 0
+    denom = 2 * tp + (cm.sum(0) - tp) + (cm.sum(1) - tp)
+    return float(np.mean(2 * tp[seen] / denom[seen])) if seen.any() else float("nan")
 
 
 def rates(pred, label):
@@ -327,8 +345,10 @@ def has_groups(group):
     return len(np.unique(group[group >= 0])) >= 2
 
 
-SELECT = ("fair", "worst_group", "accuracy")  # the validation metrics a run can keep its best checkpoint by
-SELECT_KEY = {"fair": "fair_score", "worst_group": "worst_group_accuracy", "accuracy": "accuracy"}
+SELECT = ("fair", "worst_group", "accuracy", "balanced_accuracy", "macro_f1")  # what best.safetensors is chosen by
+SELECT_KEY = {"fair": "fair_score", "worst_group": "worst_group_accuracy", "accuracy": "accuracy",
+              "balanced_accuracy": "balanced_accuracy", "macro_f1": "macro_f1"}
+NEEDS_GROUPS = ("fair", "worst_group")  # the select= choices that need two or more groups in the val split
 
 
 def selection_score(metrics, select):
@@ -342,11 +362,12 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
                     n_boot=1000, seed=0, curves=False):
     """Every metric of one split as a JSON-able dict, under fairlearn's names where fairlearn has the metric.
 
-    Overall: n, accuracy, F1, confusion, ECE (15 bins) and, for two classes, AUROC. With fair=True and at least two
-    known groups: per group (`groups`: n, accuracy, selection rate, TPR, FPR, FNR, PPV, AUROC, ECE), the fair score,
-    the between-group gaps (gaps()), the label x group cells (`cell_accuracy` with their sizes `cell_n`,
-    `worst_group_accuracy` and its `worst_group` name, `mean_cell_accuracy`), the groups and cells with fewer than
-    SMALL_GROUP samples (`small_groups`, `small_cells`: too small to read) and bootstrap CIs (n_boot > 0).
+    Overall: n, accuracy, balanced accuracy, macro-F1, F1, confusion, ECE (15 bins) and, for two classes, AUROC.
+    With fair=True and at least two known groups: per group (`groups`: n, accuracy, balanced accuracy, macro-F1,
+    selection rate, TPR, FPR, FNR, PPV, AUROC, ECE), the fair score, the between-group gaps (gaps()), the label x
+    group cells (`cell_accuracy` with their sizes `cell_n`, `worst_group_accuracy` and its `worst_group` name,
+    `mean_cell_accuracy`), the groups and cells with fewer than SMALL_GROUP samples (`small_groups`, `small_cells`:
+    too small to read) and bootstrap CIs (n_boot > 0).
     curves=True adds the ROC curve and reliability diagram of everyone and of each group (`curves`) for plots.
     """
     scores, label, group = _np(scores).astype(np.float64), _np(label), _np(group)
@@ -357,7 +378,9 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
     cm = confusion(pred, label, C)
 
     def summary(keep):
-        m = {"n": int(keep.sum()), "accuracy": float((pred[keep] == label[keep]).mean())}
+        group_cm = confusion(pred[keep], label[keep], C)
+        m = {"n": int(keep.sum()), "accuracy": float((pred[keep] == label[keep]).mean()),
+             "balanced_accuracy": balanced_accuracy(group_cm), "macro_f1": macro_f1(group_cm)}
         if C == 2:
             m |= rates(pred[keep], label[keep]) | {"auroc": auroc(prob[keep, 1], label[keep])}
         m["ece"], _ = calibration(prob[keep].max(1), prob[keep].argmax(1) == label[keep])
@@ -369,7 +392,8 @@ def compute_metrics(scores, label, group, thresholds=None, fair=True, group_name
         return {"roc_fpr": np.asarray(fpr).tolist(), "roc_tpr": np.asarray(tpr).tolist(), "reliability": bins}
 
     everyone = summary(np.ones(len(label), bool))
-    m = {"n": len(label), "accuracy": everyone["accuracy"], "f1": f1(cm), "ece": everyone["ece"],
+    m = {"n": len(label), "accuracy": everyone["accuracy"], "balanced_accuracy": everyone["balanced_accuracy"],
+         "macro_f1": everyone["macro_f1"], "f1": f1(cm), "ece": everyone["ece"],
          **({"auroc": everyone["auroc"]} if C == 2 else {}), "confusion": cm.tolist()}
     if curves:
         m["curves"] = {"all": curve(np.ones(len(label), bool))}

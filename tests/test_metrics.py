@@ -301,3 +301,29 @@ def test_bootstrap_cis_cover_the_gap_metrics():
     for k in ("fair_score", "worst_group_accuracy", "equalized_odds_difference", "demographic_parity_difference"):
         lo, hi = m[f"{k}_ci"]
         assert lo < m[k] < hi, k
+
+
+def test_balanced_accuracy_and_macro_f1_equal_scikit_learn():
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    for C, n in ((2, 300), (3, 200)):
+        label = np.where(rng.random(n) < 0.05, 1, 0) if C == 2 else rng.integers(0, C, n)  # 1:19 for two classes
+        pred = np.where(rng.random(n) < 0.8, label, rng.integers(0, C, n))
+        cm = metrics.confusion(pred, label, C)
+        assert metrics.balanced_accuracy(cm) == pytest.approx(skm.balanced_accuracy_score(label, pred), abs=1e-12)
+        assert metrics.macro_f1(cm) == pytest.approx(skm.f1_score(label, pred, average="macro"), abs=1e-12)
+    # by hand: 18 no-mask right, 0 of 1 mask found: accuracy 0.947 but balanced (1 + 0) / 2
+    cm = metrics.confusion(np.zeros(19, int), np.r_[np.zeros(18, int), 1], 2)
+    assert metrics.balanced_accuracy(cm) == 0.5 and metrics.macro_f1(cm) == pytest.approx((36 / 37 + 0) / 2)
+    # a class nobody has nor predicts does not count (scikit-learn's labels = those seen)
+    assert metrics.macro_f1(metrics.confusion([0, 1, 1], [0, 1, 0], 3)) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    label = np.where(rng.random(400) < 0.1, 1, 0)
+    pred, group = np.where(rng.random(400) < 0.85, label, 1 - label), rng.integers(0, 2, 400)
+    m = metrics.compute_metrics(np.eye(2)[pred], label, group, n_boot=0)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(label, pred), abs=1e-12)
+    for g, name in enumerate(metrics.GROUP_NAMES):  # per group too
+        y, p = label[group == g], pred[group == g]
+        assert m["groups"][name]["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p), abs=1e-12)
+        assert m["groups"][name]["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"), abs=1e-12)
+    assert metrics.selection_score(m, "balanced_accuracy") == m["balanced_accuracy"]
+    assert metrics.selection_score(m, "macro_f1") == m["macro_f1"]
