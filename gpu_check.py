@@ -150,7 +150,8 @@ def recipe_epochs(steps, device, data_dir, weights, check_dir, dry):
     out = os.path.join(check_dir, "recipe_ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
            *(DRY_DDP if dry else []), f"--batch_size={batch}", f"--out_dir={out}"]
-    ok, seconds, epoch = recipe_run(cmd, out, env={"OMP_NUM_THREADS": "1"} if dry else None)
+    env = {"PYTHONFAULTHANDLER": "1", **({"OMP_NUM_THREADS": "1"} if dry else {})}  # a native abort shows its stack
+    ok, seconds, epoch = recipe_run(cmd, out, env=env)
     steps.record(f"DDP: the same over {n} " + ("gloo ranks (dry run, eager fp32)" if dry else "GPUs (NCCL)"), ok,
                  seconds, recipe_numbers(epoch, seconds, n, compiled=not dry), shlex.join(["torchrun", *cmd[3:]]))
 

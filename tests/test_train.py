@@ -248,7 +248,9 @@ def test_ddp_two_gloo_ranks_train_like_one_process(tiny_data, tmp_path):
     # same global batch (16 = 2 x 8), no augmentation (each rank draws its own), rank-strided data shards
     args = [*TINY, f"--data={tiny_data}", "--augment=none"]
     train_vit.main([*args, f"--out_dir={tmp_path / 'one'}"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts in native code (seen once under heavy load: "terminate called without an
+    # active exception") prints every thread's Python stack, so the stderr below says where it was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_vit.py"), *args, f"--out_dir={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
