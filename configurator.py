@@ -20,6 +20,7 @@ import ast
 import difflib
 import functools
 import io
+import math
 import re
 import sys
 import tokenize
@@ -53,7 +54,7 @@ def cli(main):
 
 def cast(key, text, default):
     """text -> the type of `default`: bool, int, float, str, or a tuple written "a,b" / "(a,b)" of the same length,
-    each element cast to its default's type. A bad value raises UserError."""
+    each element cast to its default's type. A bad value (a float that is inf or nan included) raises UserError."""
     if isinstance(default, tuple):
         parts = [p.strip() for p in text.strip().strip("()").split(",")]
         if len(parts) != len(default):
@@ -64,10 +65,13 @@ def cast(key, text, default):
             raise UserError(f"--{key}={text} is not a bool (true/false)")
         return text.lower() in TRUE
     try:
-        return type(default)(text)
+        value = type(default)(text)
     except ValueError:
         raise UserError(f"--{key}={text} is not {'an' if isinstance(default, int) else 'a'} "
                         f"{type(default).__name__} (default {_show(default)})") from None
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes every "> 0" check, nan fails none
+        raise UserError(f"--{key}={text} is not a finite number")
+    return value
 
 
 def parse(argv, defaults, file, presets=None, choices=None, aliases=None, required=()):

@@ -279,9 +279,22 @@ def write_predictions(path, scores, labels, groups, thresholds, files=None):
     run.write_atomic(path, write)
 
 
-def model_card(report, ck_meta, meta):
+ARCH_TAGS = {"vit": ["vision-transformer"], "small": ["cnn"], "wrn50_2": ["cnn", "wide-resnet"]}  # model.ARCHS
+
+
+def base_model(cfg):
+    """The Hub model a run started from, for the card's base_model: its `pretrained` when that is a Hub id (a
+    train_vit run from DINO weights, a MixMatch ViT), else None (from scratch, torchvision's weights, a local file)."""
+    source = cfg.get("pretrained") or ""
+    from_weights = cfg.get("init", "dino") == "dino" and source != "torchvision"
+    is_hub_id = source.count("/") == 1 and not os.path.exists(source) and not source.endswith((".safetensors", ".bin"))
+    return source if from_weights and is_hub_id else None
+
+
+def model_card(report, ck_meta, meta, arch):
     """A Hugging Face model card (README.md): YAML metadata with the model-index results, then the report's
-    per-group numbers, the worst cell, the fairness gaps with their CIs and the data's cell counts."""
+    per-group numbers, the worst cell, the fairness gaps with their CIs and the data's cell counts. arch: the
+    checkpoint's model.ARCHS name, which sets the card's tags."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     cfg = ck_meta.get("config", {})
@@ -293,8 +306,8 @@ def model_card(report, ck_meta, meta):
                           dataset_split=report["split"], metric_type=k, metric_name=k.replace("_", " "),
                           metric_value=round(float(v), 4)) for k, v in headline]
     card_data = ModelCardData(
-        library_name="pytorch", tags=["image-classification", "fairness", "vision-transformer", "safetensors"],
-        base_model=cfg.get("pretrained") if cfg.get("init", "dino") == "dino" and "pretrained" in cfg else None,
+        library_name="pytorch", tags=["image-classification", "fairness", *ARCH_TAGS.get(arch, []), "safetensors"],
+        base_model=base_model(cfg),
         datasets=[dataset], model_name=Path(report["ckpt"]).parent.name or "model", eval_results=results)
     ci = lambda k: (f" (95% CI {report[k + '_ci'][0]:.3f}-{report[k + '_ci'][1]:.3f})" if k + "_ci" in report
                     else "")
@@ -354,7 +367,7 @@ def push_to_hub(repo_id, ckpt, out_dir, config):
         api.create_repo(repo_id, exist_ok=True)
         for name in ("model.safetensors", "README.md", "config.json"):
             api.upload_file(path_or_fileobj=os.path.join(out_dir, name), path_in_repo=name, repo_id=repo_id)
-    except (OSError, ValueError) as e:  # offline, HF_HUB_OFFLINE=1, no token, no rights: hub errors are OSErrors
+    except Exception as e:  # offline (httpx's ConnectError is no OSError), HF_HUB_OFFLINE=1, no token, no rights
         raise UserError(f"cannot push to the Hub repo {repo_id} ({type(e).__name__}); log in with "
                                      f"`hf auth login` and check the network; everything to upload is in {out_dir}") \
             from None
@@ -478,7 +491,7 @@ def score_split(args, net, runner, ck_meta, device):
         print(f"wrote {len(scores)} predictions to {args.submit}"
               + (" (per-group thresholds)" if args.submit_thresholds else ""))
     if args.out_dir:
-        write_outputs(args, report, ck_meta, meta, (scores, labels, groups), thresholds, has_labels)
+        write_outputs(args, report, ck_meta, meta, (scores, labels, groups), thresholds, has_labels, net.arch)
     if args.push_to_hub:
         push_to_hub(args.push_to_hub, args.ckpt, args.out_dir,
                     {"model": net.config_dict(), "arch": net.arch, "classes": classes, "groups": names,
@@ -497,7 +510,7 @@ def frontier_report(scores, labels, groups, thresholds):
     return out
 
 
-def write_outputs(args, report, ck_meta, meta, predictions, thresholds, has_labels):
+def write_outputs(args, report, ck_meta, meta, predictions, thresholds, has_labels, arch):
     """out_dir: report.json, predictions.csv, report.png (labelled splits) and README.md (--card / --push_to_hub)."""
     os.makedirs(args.out_dir, exist_ok=True)
     run.write_text(os.path.join(args.out_dir, "report.json"), json.dumps(report, indent=1) + "\n")
@@ -508,7 +521,7 @@ def write_outputs(args, report, ck_meta, meta, predictions, thresholds, has_labe
         plot_report(report, os.path.join(args.out_dir, "report.png"))
         written.append("report.png")
     if args.card or args.push_to_hub:
-        run.write_text(os.path.join(args.out_dir, "README.md"), str(model_card(report, ck_meta, meta)))
+        run.write_text(os.path.join(args.out_dir, "README.md"), str(model_card(report, ck_meta, meta, arch)))
         written.append("README.md")
     print(f"wrote {', '.join(written)} to {args.out_dir}")
 

@@ -363,8 +363,18 @@ def load_pretrained(src="facebook/dino-vits8", **overrides) -> ViT:
         short = lambda names: ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "") or "-"
         raise UserError(f"{src}: weights do not fit {model.cfg}: missing keys: {short(missing)}; "
                         f"unexpected keys: {short(unexpected)}; misshaped keys (file vs model): {short(misshaped)}")
+    need_finite(src, sd)
     model.load_state_dict(sd, strict=False)  # strict apart from the head, checked above
     return model
+
+
+def need_finite(src, tensors):
+    """UserError naming the weights of `src` that hold inf or nan: such a model scores like a valid one (a constant
+    prediction is right for the majority class) and trains into nan, so it is refused on loading."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{src}: {len(bad)} weight tensors hold inf or nan (first: {bad[0]}); the file is damaged or "
+                        "comes from a run that diverged")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,9 +480,11 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path}: not a checkpoint of ours (no 'arch' and 'model_config' in its metadata)")
     if metadata["arch"] not in ARCHS:
         raise UserError(f"{path}: unknown arch {metadata['arch']!r}; known: {', '.join(sorted(ARCHS))}")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    need_finite(path, weights)
     try:
         model = ARCHS[metadata["arch"]](json.loads(metadata["model_config"]))
-        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(weights)
     except (TypeError, ValueError, RuntimeError) as e:  # unknown config keys; missing, extra or misshaped tensors
         first = str(e).strip().splitlines()[0]
         raise UserError(f"{path}: its {metadata['arch']} config or weights do not fit this code ({first})") from None
