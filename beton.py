@@ -279,10 +279,14 @@ def _split_hash(split):
                              blocks(split["attrs"]) if "attrs" in split else None)
 
 
+MAX_SKIPPED = 1000  # skipped inputs listed in meta.json (MAFA skips thousands of faces); n_skipped counts them all
+
+
 def write_dataset(ds, folder, source, cfg):
     """Write the three splits of `ds` (a source's data set: its layout is documented in sources.py, above SOURCES)
     and meta.json into `folder`; meta records the build's config (bar out_dir, force), each file's size and content
-    hash. meta.json is written last, and atomically: a folder with one is whole. -> meta."""
+    hash, the skipped inputs (the first MAX_SKIPPED, and their number) and a merge's inputs. meta.json is written
+    last, and atomically: a folder with one is whole. -> meta."""
     sizes = {ds["splits"][s]["images"].shape[1:3] for s in SPLITS}
     assert len(sizes) == 1, sizes
     meta = dict(source=source, criterion=ds["criterion"], classes=ds["classes"], groups=ds["groups"],
@@ -302,7 +306,9 @@ def write_dataset(ds, folder, source, cfg):
         if "files" in split:  # the challenge's test order, for submissions
             meta["splits"][s]["files"] = split["files"]
     meta["content_hash"] = hashlib.sha256("".join(meta["splits"][s]["sha256"] for s in SPLITS).encode()).hexdigest()
-    meta["n_skipped"], meta["skipped"] = len(ds["skipped"]), ds["skipped"]
+    meta["n_skipped"], meta["skipped"] = len(ds["skipped"]), ds["skipped"][:MAX_SKIPPED]
+    if "inputs" in ds:  # a merge's: the built sets it was made of
+        meta["inputs"] = ds["inputs"]
     run.write_text(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))
     return meta
 

@@ -7,6 +7,9 @@ applied to a whole batch on its device. The command line builds data sets from t
     python data.py challenge --root=DIR --out_dir=data/challenge  # the 2023 challenge folder (train/, test/, train.txt)
     python data.py fairface --out_dir=data/fairface               # FairFace from the Hub: gender across 7 race groups
     python data.py synthetic --skin_tones=4 --group=Skin --out_dir=data/tones   # offline, 4 groups, one rare and dim
+    python data.py mafa --root=DIR --out_dir=data/mafa            # MAFA's face boxes cropped: no mask / mask (scipy)
+    python data.py folder --root=DIR --split_by=identity --out_dir=data/rmfd   # RMFD: no person in two splits
+    python data.py merge data/mafa "data/aaf:no mask" --out_dir=data/mask   # one set, attribute source = mafa / aaf
     python data.py SOURCE --help                                  # a source's keys and their defaults
     python data.py show data/demo --augment=full                  # originals beside augmented copies, per cell -> PNG
 
@@ -707,8 +710,12 @@ def augment_settings(name, overrides=""):
 
 def decode_image(src, size):
     """Path or bytes -> uint8 [size, size, 3] RGB: centre square crop, area resize (CelebA: 178x178 -> 80), any size
-    or mode; 16-bit images are scaled to 8 bits, not clipped. Returns the error text when it is not a readable image."""
+    or mode; 16-bit images are scaled to 8 bits, not clipped. src may also be (path or bytes, (cx, cy, side)): that
+    square (a face box, sources.py's mafa) instead of the centre one, shrunk to the image's shorter side if larger
+    and shifted inside the image. Returns the error text when it is not a readable image, or when the square's
+    centre lies outside it."""
     from PIL import Image
+    src, square = src if isinstance(src, tuple) else (src, None)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             if im.mode.startswith("I"):  # 16/32-bit integer pixels: convert("RGB") would clip them all to white
@@ -718,9 +725,12 @@ def decode_image(src, size):
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return f"{type(e).__name__}: {e}"
     w, h = im.size
-    if (w, h) != (size, size):
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
+    cx, cy, side = square or (w / 2, h / 2, min(w, h))
+    if not (0 <= cx <= w and 0 <= cy <= h):
+        return f"the box's centre ({cx:.0f}, {cy:.0f}) lies outside the {w}x{h} image"
+    s = max(1, min(round(side), w, h))
+    left, top = (min(max(math.floor(c - s / 2), 0), n - s) for c, n in ((cx, w), (cy, h)))
+    if not s == w == h == size:
         im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BOX)
     return np.array(im, np.uint8)
 
@@ -820,8 +830,8 @@ def _save_grid(views, row_names, title, path):
 
 @configurator.cli
 def main(argv=None):
-    """`python data.py show DATA_DIR ...` draws a data set; `python data.py SOURCE --key=value ...` builds one
-    (sources.main)."""
+    """`python data.py show DATA_DIR ...` draws a data set; `python data.py SOURCE --key=value ...` builds one and
+    `python data.py merge DIR[:CLASS] ... --out_dir=OUT` merges built ones (sources.main)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["show"]:
         show(argv[1:])

@@ -8,22 +8,30 @@ removes, and says so. Bad input ends in one DataError line before anything is wr
     synthetic   procedurally drawn faces with CelebA's hidden rule, Blond_Hair XOR Eyeglasses (offline; faces.py)
     celeba      CelebA: flwrlabs/celeba from the Hub (pinned revision), or --root with the official files or shards
     challenge   the 2023 challenge folder: train/, test/, train.txt
-    folder      class-per-subfolder trees (mask / no-mask, ...), groups from an optional CSV
+    folder      class-per-subfolder trees (mask / no-mask, ...), groups from an optional CSV; --split_by=identity keeps
+                each person (RMFD's ROOT/<class>/<person>/) in one split
     aaf         All-Age-Faces "aligned faces/" (label = gender, from the file name)
     adience     Adience "aligned/" and fold_0..4_data.txt (label = gender; the subject-disjoint folds are the splits)
     fairface    FairFace: HuggingFaceM4/FairFace from the Hub (pinned revision), or --root with the released images and
                 fairface_label_{train,val}.csv; gender, 9 age bins, 7 race groups (by default: gender across race)
     utkface     UTKFace's flat folder of age_gender_race_date.jpg.chip.jpg (gender, 9 age bins, 5 race groups)
     csv         any labelled set as a CSV: a path and a label column, optional group, attribute and split columns
+    mafa        MAFA's photos and .mat face boxes (needs scipy): every labelled face cropped, no mask / mask by NVIDIA's
+                rule (python data.py mafa --help)
+    merge       built data sets as one, each image's set kept as the attribute `source`:
+                python data.py merge data/mafa "data/aaf:no mask" --out_dir=data/mask
 
-Labels and groups of the sources with attributes (synthetic, celeba, fairface, utkface) are attribute expressions
-(data.py's labels_from_attrs and groups_from_attrs): --group=Male gives 2 groups, --group=Race one per race, and
---group=Male*Young the 4 intersections (ids mixed radix, the first factor most significant: 0 = women & not Young).
+Labels and groups of the sources with attributes (synthetic, celeba, fairface, utkface; mafa's and merge's groups)
+are attribute expressions (data.py's labels_from_attrs and groups_from_attrs): --group=Male gives 2 groups,
+--group=Race one per race, and --group=Male*Young the 4 intersections (ids mixed radix, the first factor most
+significant: 0 = women & not Young). Every build ends by printing its classes with their image counts.
 """
 
+import collections
 import csv
 import inspect
 import io
+import math
 import os
 import re
 
@@ -35,6 +43,7 @@ import configurator
 import data
 import faces
 import fairface
+import mafa
 from beton import DataError, decode_images, list_files, need_dir, need_space, read_text, relative_path
 from data import SPLITS
 
@@ -84,6 +93,8 @@ FOLDER = dict(
     **OUTPUT,
     root="",
     groups="",  # CSV with a header path,group (paths relative to root); empty: no groups
+    classes="",  # the class folders to read, in label order, e.g. "no mask,mask" (empty: every folder, sorted)
+    split_by="image",  # image|identity: identity keeps each person (the folder under a class folder) in one split
     **SPLIT,
 )
 AAF = dict(**OUTPUT, root="", **SPLIT)
@@ -121,8 +132,21 @@ CSV = dict(
     split_column="",  # optional column of train/val/test per row; empty: a seeded --split stratified by label x group
     **SPLIT,
 )
+MAFA = dict(
+    **OUTPUT,
+    root="",
+    enlarge=1.3,  # a face's square: its box's longer side times this, about the box's centre, fitted in the photo
+    group="none",
+    val_frac=0.1,
+    seed=0,
+)
+MERGE = dict(
+    out_dir="",
+    force=False,
+    group="",  # merge: empty keeps the inputs' groups (they must agree); none; or an expression, e.g. source
+)
 ALIASES = {"out": "out_dir", "target": "criterion"}
-CHOICES = {"margin": ("0.25", "1.25")}
+CHOICES = {"margin": ("0.25", "1.25"), "split_by": ("image", "identity")}
 HUB_SOURCES = ("celeba", "fairface")  # without --root they download; csv's --root defaults to the CSV's folder
 
 
@@ -209,6 +233,24 @@ def _parts(labels, groups, fracs, seed):
     for k, idx in enumerate(_stratified(_cell_keys(labels, groups), fracs, seed)):
         part[idx] = k
     return part
+
+
+def _unit_parts(units, keys, fracs, seed):
+    """Each row's part 0..len(fracs)-1 (train, val, test) with all the rows of a unit (a person's images, a photo's
+    faces) in one part: the units in a seeded random order, each to the part furthest below its share of the unit's
+    cells (keys: label x group, as _cell_keys). Every cell's parts come within about a unit's size of the fractions."""
+    unit_of = np.unique(units, return_inverse=True)[1].reshape(-1)
+    cell_of = np.unique(keys, return_inverse=True)[1].reshape(-1)
+    rows = np.zeros((unit_of.max() + 1, cell_of.max() + 1))  # rows per unit x cell
+    np.add.at(rows, (unit_of, cell_of), 1)
+    want = np.outer(fracs, rows.sum(0))  # rows per part x cell
+    have, part = np.zeros_like(want), np.empty(len(rows), np.int64)
+    closed = np.array(fracs) == 0
+    for u in np.random.default_rng(seed).permutation(len(rows)):
+        short = ((want - have) / np.maximum(want, 1)) @ rows[u]  # each part's shortfall, in this unit's cells
+        part[u] = np.argmax(np.where(closed, -np.inf, short))
+        have[part[u]] += rows[u]
+    return part[unit_of]
 
 
 def _take(split, idx):
@@ -314,40 +356,88 @@ def _read_group_csv(path, root):
     return table
 
 
+FOLDER_MAX_CLASSES = 10  # more folders than this is a tree of people (RWMFD's 23, RMFD's 525), not of classes
+
+
+def _class_folders(top, wanted):
+    """The class folders under `top`, in label order: those --classes names (`wanted`, comma-separated), or else
+    every folder, sorted, refused when the tree does not look like one folder per class: MAFA's root, more than
+    FOLDER_MAX_CLASSES folders, or numbers like 0001 (people's folders)."""
+    found = sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)) and d[0] != ".")
+    listed = lambda names: ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    if wanted:
+        names = [c.strip() for c in wanted.split(",")]
+        missing = [c for c in names if c not in found]
+        if missing or len(set(names)) < len(names):
+            why = f"no folder {missing[0]!r}" if missing else "a class named twice"
+            raise DataError(f"--classes={wanted}: {why} in {top} (its folders: {listed(found) or 'none'})")
+        return names
+    if not found:
+        raise DataError(f"no class subfolders in {top}")
+    named = lambda what: f"{top} {what}; name the class folders to read, in label order, with --classes=a,b"
+    if any(d.endswith("-images") or d.startswith("MAFA-Label-") for d in found):
+        raise DataError(named(f"looks like MAFA's root ({listed(found)}): build it with python data.py mafa --root="
+                              f"{top}, which crops the faces"))
+    if len(found) > FOLDER_MAX_CLASSES or all(d.isdecimal() and len(d) >= 3 for d in found):
+        raise DataError(named(f"holds {len(found)} folders ({listed(found)}): more than {FOLDER_MAX_CLASSES}, or "
+                              "numbers like 0001, look like a folder per person, not per class; point --root at the "
+                              "folder above the class folders (with --split_by=identity when each class folder holds "
+                              "a folder per person)"))
+    return found
+
+
 def folder_source(cfg, scratch=None):
     """Class-per-subfolder trees: ROOT/<class>/**/image, or ROOT/{train,val,test}/<class>/** when already split.
+    The classes are the folders, sorted, or those --classes names, in its order (class 0 first); a tree that looks
+    like MAFA's root or like a folder per person (more than 10 folders, or names like 0001) is refused without it.
     Groups come from an optional CSV (`path,group`), numbered by group_ids: women/woman/female/f = 0,
-    men/man/male/m = 1, other names after them, sorted; a blank group or an image the CSV does not list is unknown."""
+    men/man/male/m = 1, other names after them, sorted; a blank group or an image the CSV does not list is unknown.
+    Splits are seeded and stratified by label x group: by image, or with --split_by=identity by person, the folder
+    directly under a class folder (RMFD: AFDB_face_dataset/<person>/, AFDB_masked_face_dataset/<person>/), so that
+    no person is in two splits (one name under two classes is one person); images directly in a class folder then
+    have no person and are skipped."""
     root = need_dir(cfg["root"])
     presplit = os.path.isdir(os.path.join(root, "train"))
+    by_person = cfg["split_by"] == "identity"
+    if presplit and by_person:
+        raise DataError(f"{root} is already split into train/, val/ and test/, which --split_by=identity would not "
+                        "change; it splits a tree ROOT/<class>/<person>/")
     tops = [os.path.join(root, s) for s in SPLITS] if presplit else [root]
     for top in tops:
         need_dir(top, "split folder")
-    classes = sorted(d for d in os.listdir(tops[0]) if os.path.isdir(os.path.join(tops[0], d)) and d[0] != ".")
-    if not classes:
-        raise DataError(f"no class subfolders in {tops[0]}")
-    files, labels = [], []
+    classes = _class_folders(tops[0], cfg["classes"])
+    files, labels, people, skipped = [], [], [], []
     part = []  # which of `tops` each file came from
     for t, top in enumerate(tops):
         for k, cls in enumerate(classes):
             cls_dir = os.path.join(top, cls)
             found = list_files(cls_dir) if os.path.isdir(cls_dir) else []
+            if by_person:
+                skipped += [dict(file=os.path.join(cls, f), reason="not in a person's folder (--split_by=identity)")
+                            for f in found if os.sep not in f]
+                found = [f for f in found if os.sep in f]
             files += [os.path.relpath(os.path.join(cls_dir, f), root) for f in found]
             labels += [k] * len(found)
+            people += [f.split(os.sep)[0] for f in found]
             part += [t] * len(found)
     if not files:
-        raise DataError(f"no files in the class folders under {root}")
+        raise DataError(f"no files in the class folders under {root}" + (" (in person folders)" if by_person else ""))
     if len(classes) < 2:
         raise DataError(f"one class subfolder in {tops[0]} ({classes[0]}): a classifier needs two or more, one per "
                         "class")
     table = _read_group_csv(cfg["groups"], root) if cfg["groups"] else {}
-    skipped = []
     images, kept = decode_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
                                  where=root)
     groups, group_names = group_ids([table.get(os.path.normpath(files[i]), "") for i in kept])
     full = dict(images=images, labels=np.array(labels, np.int64)[kept], groups=groups)
     if presplit:
         idx = [np.flatnonzero(np.array(part)[kept] == t) for t in range(3)]
+    elif by_person:
+        people = np.array(people)[kept]
+        parts = _unit_parts(people, _cell_keys(full["labels"], groups), _fractions(cfg["split"]), cfg["seed"])
+        idx = [np.flatnonzero(parts == k) for k in range(len(SPLITS))]
+        print(f"folder: {len(set(people))} people, {' / '.join(str(len(set(people[i]))) for i in idx)} in "
+              f"{' / '.join(SPLITS)}")
     else:
         idx = _stratified(_cell_keys(full["labels"], full["groups"]), _fractions(cfg["split"]), cfg["seed"])
     return dict(splits={s: _take(full, i) for s, i in zip(SPLITS, idx)}, classes=classes, groups=group_names,
@@ -603,6 +693,147 @@ def csv_source(cfg, scratch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The mask sets: MAFA (mafa.py reads its label files) and merged sets (built data sets as one, the set of each image
+# kept as the attribute `source`)
+
+def mafa_source(cfg, scratch):
+    """MAFA, masked faces in the wild (mafa.py reads it; needs scipy): --root holds train-images/images/,
+    test-images/images/, MAFA-Label-Train/LabelTrainAll.mat and MAFA-Label-Test/LabelTestAll.mat. Every annotated
+    face is cropped: a square about its box's centre, the box's longer side times --enlarge, shrunk and shifted to
+    fit inside the photo, then resized to --size. Classes no mask (0) and mask (1), by NVIDIA's rule
+    (github.com/NVIDIA-AI-IOT/face-mask-detection, data_utils/mafa2kitti.py):
+        train faces: mask if occ_type != 3 (not a hand) and occ_degree > 2 (3 or more face parts covered);
+                     no mask if occ_type == 3 and occ_degree < 2
+        test faces:  mask if face_type == 1 (masked) and occ_type != 3 and occ_degree > 2;
+                     no mask if face_type == 2 (unmasked)
+    Every other face (invalid, a mask over 2 parts or fewer, a hand over more) is skipped and counted with its reason
+    in meta.json, as are empty boxes and faces of missing photos. MAFA's train and test split are kept; val is carved
+    from train by photo (the faces of one photo stay in one split), stratified by label x group (--val_frac, seeded).
+    Attributes occ_type (simple, complex, human body), occ_degree and orientation (left ... right); no groups unless
+    --group names an expression of them (e.g. orientation)."""
+    skipped = []
+    faces = mafa.load(need_dir(cfg["root"]), cfg["enlarge"], skipped)
+    labels, attrs, values, names = faces["labels"], faces["attrs"], faces["values"], list(mafa.ATTRS)
+    groups, group_names = data.groups_from_attrs(cfg["group"], attrs, names, values)
+    split_of, train = np.full(len(labels), 2, np.int64), np.flatnonzero(faces["released"] == 0)
+    split_of[train] = _unit_parts(faces["photo"][train], _cell_keys(labels[train], groups[train]),
+                                  [1 - cfg["val_frac"], cfg["val_frac"]], cfg["seed"])
+    reasons = collections.Counter(s["reason"] for s in skipped)
+    print(f"mafa: {len(labels)} faces labelled ({int(labels.sum())} mask), {len(skipped)} skipped; the most common "
+          f"reasons: " + "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)))
+    splits = _decode_splits([(np.arange(len(labels)), faces["sources"])], split_of, faces["names"],
+                            dict(labels=labels, groups=groups, attrs=attrs), cfg["size"], scratch, skipped, cfg["root"])
+    return dict(splits=splits, classes=list(mafa.CLASSES), groups=group_names, attributes=names,
+                attribute_values=values, criterion=None, skipped=skipped)
+
+
+def _merge_inputs(args):
+    """merge's arguments DIR or DIR:CLASS -> [(DIR, CLASS or None)]; an argument that is a folder as typed is a DIR
+    even with a colon in its name."""
+    inputs = []
+    for arg in args:
+        path, colon, cls = arg.rpartition(":")
+        if not colon or os.path.isdir(arg):
+            path, cls = arg, None
+        elif not cls.strip():
+            raise DataError(f"{arg!r}: DIR:CLASS names no class after the colon")
+        inputs.append((path, cls and cls.strip()))
+    return inputs
+
+
+def _recode(codes, old, new):
+    """Categorical codes into `old` value names -> codes into `new` (a superset); UNKNOWN stays unknown."""
+    lut = np.full(256, data.UNKNOWN, np.uint8)
+    lut[: len(old)] = [new.index(v) for v in old]
+    return lut[codes]
+
+
+def merge_source(cfg, scratch):
+    """Built data sets as one, split by split (train with train, val with val, test with test), each image's set kept
+    as the categorical attribute `source`: its folder's name (an input that is itself a merge keeps its images'
+    sources), so that evaluate.py --group_by=source shows whether a model tells the sets apart rather than the
+    classes. DIR:CLASS labels every image of that set CLASS (masked faces from one set, unmasked from another: merge
+    data/mafa "data/aaf:no mask"); without it a set keeps its class names. The classes are the union of the names, in
+    first-seen order. The inputs must store one image size (rebuild one with --size). Attributes that every input
+    stores are kept (categorical values merged by name), others dropped. The inputs' groups are kept when they all
+    have the same; else --group=none, or an expression of the kept attributes (e.g. --group=source), sets them.
+    meta.json records each input with its content hash."""
+    inputs = _merge_inputs(cfg["inputs"])
+    metas = [data.read_meta(d, splits=SPLITS) for d, _ in inputs]
+    first, m0, sizes = inputs[0][0], metas[0], [m["image_size"] for m in metas]
+    for (d, _), size in zip(inputs, sizes):
+        if size != sizes[0]:
+            raise DataError(f"{first} stores {sizes[0][0]}x{sizes[0][1]} images, {d} {size[0]}x{size[1]}: rebuild one "
+                            f"with --size so that they agree")
+    classes = []
+    for (_, cls), m in zip(inputs, metas):
+        classes += [c for c in ([cls] if cls else m["classes"]) if c not in classes]
+    values_of = lambda m: m.get("attribute_values", {})
+    merged = ["source" in values_of(m) for m in metas]  # inputs that are merges themselves: their sources are kept
+    folders = [os.path.basename(os.path.normpath(d)) for d, _ in inputs]
+    twice = [f for i, f in enumerate(folders) if not merged[i] and
+             any(f == g for j, g in enumerate(folders) if j != i and not merged[j])]
+    if twice:
+        raise DataError(f"two inputs are folders named {twice[0]}: the source attribute names each set by its "
+                        "folder; rename one")
+    kept = [a for a in metas[0]["attributes"] if a != "source" and all(a in m["attributes"] for m in metas) and
+            len({a in values_of(m) for m in metas}) == 1]  # in every input, categorical in all or in none
+    values = {}
+    for a in [a for a in kept if a in values_of(metas[0])] + ["source"]:
+        values[a] = []
+        for m, f, is_merge in zip(metas, folders, merged):
+            own = values_of(m)[a] if a != "source" or is_merge else [f]
+            values[a] += [v for v in own if v not in values[a]]
+        if len(values[a]) >= data.UNKNOWN:
+            raise DataError(f"the inputs' attribute {a} holds {len(values[a])} values together; at most "
+                            f"{data.UNKNOWN - 1}")
+    names = kept + ["source"]
+    dropped = sorted({a for m in metas for a in m["attributes"]} - set(names))
+    group_names = m0["groups"]
+    if cfg["group"]:  # checked, and its group names, before any image is read
+        group_names = data.groups_from_attrs(cfg["group"], np.zeros((0, len(names)), np.uint8), names, values)[1]
+    elif any(m["groups"] != m0["groups"] for m in metas):
+        which = "; ".join(f"{d}: {', '.join(m['groups']) or 'none'}" for (d, _), m in zip(inputs, metas))
+        raise DataError(f"the inputs' groups differ ({which}): pass --group=none, or an expression of the merged "
+                        f"attributes ({', '.join(names)}), e.g. --group=source")
+    splits = {}
+    for s in SPLITS:
+        n = sum(m["splits"][s]["n"] for m in metas)
+        need_space(scratch, n * 3 * math.prod(sizes[0]), f"the merged {s} images")
+        images = np.lib.format.open_memmap(os.path.join(scratch, f"{s}.npy"), "w+", np.uint8, (n, *sizes[0], 3))
+        labels, groups, attrs, at = [], [], [], 0
+        for (d, cls), m, f, is_merge in zip(inputs, metas, folders, merged):
+            x, y, g = (t.numpy() for t in data.load_split(d, s))
+            images[at: at + len(y)] = x.transpose(0, 2, 3, 1)
+            at += len(y)
+            if cls:
+                labels.append(np.full(len(y), classes.index(cls), np.int64))
+            else:  # each class to its merged index; -1, unlabelled, stays so
+                labels.append(np.array([classes.index(c) for c in m["classes"]] + [-1], np.int64)[y])
+            groups.append(g)
+            a, a_names = data.load_attrs(d, s)
+            a = dict(zip(a_names, (np.zeros((len(y), len(a_names)), np.uint8) if a is None else a).T))  # by name
+            cols = [_recode(a[k], values_of(m)[k], values[k]) if k in values else a[k] for k in kept]
+            cols.append(_recode(a["source"], values_of(m)["source"], values["source"]) if is_merge else
+                        np.full(len(y), values["source"].index(f), np.uint8))
+            attrs.append(np.stack(cols, 1))
+        attrs = np.concatenate(attrs)
+        splits[s] = dict(images=images, labels=np.concatenate(labels), attrs=attrs, groups=data.groups_from_attrs(
+            cfg["group"], attrs, names, values)[0] if cfg["group"] else np.concatenate(groups))
+    both = np.concatenate([np.stack([sp["labels"], sp["attrs"][:, -1]], 1) for sp in splits.values()])
+    pairs, counts = np.unique(both, axis=0, return_counts=True)  # the shortcut to look for: a class from one source
+    print("merge: class / source " + ", ".join(f"{classes[y] if y >= 0 else 'unlabelled'} / {values['source'][a]} "
+                                               f"{n}" for (y, a), n in zip(pairs.tolist(), counts.tolist())))
+    criteria = {m.get("criterion") for m in metas}
+    if dropped:
+        print(f"merge: attributes not stored by every input are dropped: {', '.join(dropped)}")
+    return dict(splits=splits, classes=classes, groups=group_names, attributes=names, attribute_values=values,
+                criterion=criteria.pop() if len(criteria) == 1 and not any(c for _, c in inputs) else None,
+                skipped=[], inputs=[dict(path=d, relabel=cls, source=m.get("source"), classes=m["classes"],
+                                         content_hash=m["content_hash"]) for (d, cls), m in zip(inputs, metas)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The command line: each source with its defaults. A source is fn(cfg, scratch) -> ds, the data set in memory that
 # beton.write_dataset puts on disk:
 #   ds["splits"]: {"train", "val", "test"} -> dict(
@@ -615,14 +846,15 @@ def csv_source(cfg, scratch):
 #   ds["classes"]: C class names; ds["groups"]: G group names ([] without groups); ds["attributes"]: A names ([]
 #   without attrs); ds["attribute_values"] (optional): {name: [value names]} of the categorical attributes;
 #   ds["criterion"]: the attribute expression the labels come from, or None; ds["skipped"]: the unreadable or
-#   unusable inputs, [{"file": ..., "reason": ...}].
-# scratch: the build's temporary folder, for large intermediate files (*.npy, removed before the swap): celeba's and
-# _decode_splits' memory-mapped images.
+#   unusable inputs, [{"file": ..., "reason": ...}]; ds["inputs"] (optional, merge): the built sets it was made of.
+# scratch: the build's temporary folder, for large intermediate files (*.npy, removed before the swap): celeba's,
+# _decode_splits' and merge's memory-mapped images.
 
 SOURCES = dict(synthetic=(synthetic_source, SYNTHETIC), celeba=(celeba_source, CELEBA),
                challenge=(challenge_source, CHALLENGE), folder=(folder_source, FOLDER), aaf=(aaf_source, AAF),
                adience=(adience_source, ADIENCE), fairface=(fairface_source, FAIRFACE),
-               utkface=(utkface_source, UTKFACE), csv=(csv_source, CSV))
+               utkface=(utkface_source, UTKFACE), csv=(csv_source, CSV), mafa=(mafa_source, MAFA),
+               merge=(merge_source, MERGE))
 
 
 def parse(source, argv):
@@ -648,9 +880,13 @@ def check_config(cfg):
         if key in cfg:
             _fractions(cfg[key], key)
     need(["n"], lambda v: v >= 1, "a number of images, 1 or more")
+    need(["enlarge"], lambda v: 1 <= v <= 4, "the face box's enlargement, 1 to 4")
     need(["seed"], lambda v: v >= 0, "0 or more")
     need(["skin_tones"], lambda v: v == 0 or v in faces.SKIN_TONES,
          f"0 (none) or a number of skin tone bins, {min(faces.SKIN_TONES)} to {max(faces.SKIN_TONES)}")
+    if "inputs" in cfg and len(cfg["inputs"]) < 2:
+        raise DataError(f"merge needs two or more built data sets, got {len(cfg['inputs'])}: python data.py merge "
+                        "DIR[:CLASS] DIR[:CLASS] ... --out_dir=OUT")
 
 
 def _check_classes(ds):
@@ -679,8 +915,19 @@ def build(source, cfg):
     return beton.atomic_build(cfg["out_dir"], cfg["force"], write)
 
 
+def class_counts(meta):
+    """"no mask 1200, mask 60": a built set's classes with their images over all splits (and the unlabelled)."""
+    n = np.zeros(len(meta["classes"]) + 1, np.int64)  # the last: label -1
+    for split in meta["splits"].values():
+        for c in split["cells"]:
+            n[c["label"]] += c["n"]
+    return ", ".join([f"{name} {k}" for name, k in zip(meta["classes"], n.tolist())] +
+                     [f"unlabelled {n[-1]}"] * bool(n[-1]))
+
+
 def main(argv):
-    """`python data.py SOURCE --key=value ...` (data.py forwards here): build a data set, print its cells."""
+    """`python data.py SOURCE --key=value ...` (data.py forwards here): build a data set, print its classes and
+    cells. merge takes its inputs first: `python data.py merge DIR[:CLASS] ... --key=value ...`."""
     if not argv:
         raise DataError(f"name a source ({', '.join(SOURCES)}) or show (see python data.py --help)")
     if argv[0] in ("-h", "--help"):
@@ -690,10 +937,17 @@ def main(argv):
     if source not in SOURCES:
         raise DataError(f"unknown source {source!r} (sources: {', '.join(SOURCES)}; or show)")
     if any(a in ("-h", "--help") for a in rest):  # then configurator prints the keys
-        print(f"python data.py {source} --key=value ...\n{inspect.getdoc(SOURCES[source][0])}\n")
+        usage = "merge DIR[:CLASS] DIR[:CLASS] ..." if source == "merge" else source
+        print(f"python data.py {usage} --key=value ...\n{inspect.getdoc(SOURCES[source][0])}\n")
+    inputs = []
+    while source == "merge" and rest and not rest[0].startswith("-"):
+        inputs.append(rest.pop(0))
     cfg = parse(source, rest)
+    if source == "merge":
+        cfg["inputs"] = inputs
     meta = build(source, cfg)
     for s in SPLITS:
         cells = " ".join(f"{c['label']}/{c['group']}:{c['n']}" for c in meta["splits"][s]["cells"])
         print(f"{s:5s} n={meta['splits'][s]['n']:6d}  label/group cells {cells}")
+    print(f"classes: {class_counts(meta)}")
     print(f"wrote {cfg['out_dir']} ({meta['n_skipped']} files skipped, content {meta['content_hash'][:12]})")
