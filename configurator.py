@@ -52,13 +52,15 @@ def cli(main):
     return run
 
 
-def cast(key, text, default):
+def cast(key, text, default, nested=False):
     """text -> the type of `default`: bool, int, float, str, or a tuple written "a,b" / "(a,b)" of the same length,
-    each element cast to its default's type. A bad value (a float that is inf or nan included) raises UserError."""
+    each element cast to its default's type (nested: a name=value inside a list, where only "(a,b)" works). A bad
+    value (a float that is inf or nan included) raises UserError."""
     if isinstance(default, tuple):
         parts = [p.strip() for p in text.strip().strip("()").split(",")]
         if len(parts) != len(default):
-            raise UserError(f"--{key}={text} needs {len(default)} comma-separated values, like {_show(default)}")
+            like = f"({_show(default)})" if nested else _show(default)  # a bare comma would end a nested value
+            raise UserError(f"--{key}={text} needs {len(default)} comma-separated values, like {like}")
         return tuple(cast(key, p, d) for p, d in zip(parts, default))
     if isinstance(default, bool):
         if text.lower() not in TRUE + FALSE:
@@ -137,7 +139,7 @@ def parse_kw(key, text, defaults):
         name, eq, value = item.partition("=")
         if not eq or name.strip() not in defaults:
             raise UserError(f"--{key}: '{item}' is not name=value with name one of: {', '.join(defaults)}")
-        kw[name.strip()] = cast(f"{key} {name.strip()}", value.strip(), defaults[name.strip()])
+        kw[name.strip()] = cast(f"{key} {name.strip()}", value.strip(), defaults[name.strip()], nested=True)
     return kw
 
 

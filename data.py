@@ -765,7 +765,7 @@ SHOW = dict(  # python data.py show DATA_DIR --key=value ...
     augment_kw="",  # overrides of augment()'s parameters, as the training scripts' augment_kw=, e.g. "erase_p=0"
     out_size=0,  # side of the drawn images in pixels (0: the stored size)
     seed=0,  # which images, and the augmentation draws
-    out_dir="runs/show",  # the PNG goes here, as <data set>_<split>_<augment>.png
+    out_dir="runs/show",  # the PNG goes here, as <data set>_<split>_<augment>.png; or a file path ending in .png
 )
 
 
@@ -799,7 +799,8 @@ def show(argv):
     views = views * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     title = f"{data_dir} {split}: augment={cfg['augment']} {cfg['augment_kw']}".rstrip()
     stem = f"{os.path.basename(os.path.normpath(data_dir))}_{split}_{cfg['augment']}.png"
-    path = os.path.join(cfg["out_dir"], stem)
+    out = cfg["out_dir"]
+    path = out if out.lower().endswith(".png") else os.path.join(out, stem)  # --out=grid.png is the file itself
     _save_grid(views.clamp(0, 1).permute(0, 1, 3, 4, 2).numpy(), row_names, title, path)
     print(f"wrote {path} ({len(rows)} images from {sum(map(bool, row_names))} label x group cells)")
     return path

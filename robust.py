@@ -238,6 +238,14 @@ def run_table(cfg):
         run_cfg |= {"table_seeds": 1, "epochs": min(cfg["epochs"], 2)}
     seeds = range(run_cfg["table_seeds"])
     folder = lambda tag, s: os.path.join(out_dir, f"{tag}_s{s}")
+    for s in seeds:  # every row and seed checked against the data before the first one trains
+        for name, tag, over in TABLE:
+            row = {**run_cfg, **over, "seed": s, "out_dir": folder(tag, s)}
+            try:
+                if "dfr" not in over:  # DFR refits the ERM row's head: its own checks run with it
+                    train_vit.check_run(recipe_config(row))
+            except UserError as e:
+                raise UserError(f"robust table row '{name}' (seed {s}): {e}") from None
     minutes = {tag: [] for _, tag, _ in TABLE}
     for s in seeds:
         for _, tag, over in TABLE:

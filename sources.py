@@ -494,6 +494,11 @@ def adience_source(cfg, scratch=None):
         if not rows or not set(ADIENCE_COLUMNS) <= set(rows[0]):
             raise DataError(f"{path}: expected a tab-separated header with {', '.join(ADIENCE_COLUMNS)}")
         for lineno, r in enumerate(rows, 2):
+            if any(r[c] is None for c in ADIENCE_COLUMNS):  # csv gives None for the fields a cut-off line lacks
+                skipped.append(dict(file=f"{os.path.basename(path)}:{lineno}",
+                                    reason=f"malformed row: {sum(v is not None for v in r.values())} of "
+                                           f"{len(r)} fields"))
+                continue
             name = os.path.join((r["user_id"] or "").strip(), f"landmark_aligned_face.{(r['face_id'] or '').strip()}."
                                                               f"{(r['original_image'] or '').strip()}")
             name = relative_path(name, f"{path}:{lineno}", aligned)
@@ -504,7 +509,9 @@ def adience_source(cfg, scratch=None):
             names.append(name)
             male.append(gender == "m")
             fold.append(k)
-    print(f"adience: {len(skipped)} rows without a gender (u or empty) skipped, {len(names)} kept")
+    malformed = sum(s["reason"].startswith("malformed") for s in skipped)
+    print(f"adience: {len(skipped) - malformed} rows without a gender (u or empty) and {malformed} malformed rows "
+          f"skipped, {len(names)} kept")
     if not names:
         raise DataError(f"no rows with gender f or m in the fold files under {root}")
     found = [os.path.isfile(os.path.join(aligned, nm)) for nm in names]

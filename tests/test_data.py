@@ -393,13 +393,15 @@ def test_adience_importer(tmp_path, capsys):
             rows.append(f"{user}\t{orig}\t{face}\t(25, 32)\t{gender}\t0\t0\t96\t96\t0\t0\t50")
         if k == 0:
             rows.append("gone@N00\tx.jpg\t7\t(25, 32)\tm\t0\t0\t96\t96\t0\t0\t50")
+            rows.append("cut@N00\tc.jpg\t8")  # a truncated line (issue 23, class 2): malformed, not "gender empty"
         (root / f"fold_{k}_data.txt").write_text("\n".join(rows) + "\n")
     out = str(tmp_path / "out")
     data.main(["adience", f"--root={root}", f"--out_dir={out}", "--size=48"])
-    assert "adience: 5 rows without a gender (u or empty) skipped" in capsys.readouterr().out
+    assert "adience: 5 rows without a gender (u or empty) and 1 malformed rows skipped" in capsys.readouterr().out
     meta = data.read_meta(out)
     assert meta["classes"] == ["female", "male"] and meta["groups"] == [] and meta["attributes"] == ["Male", "Fold"]
-    assert meta["n_skipped"] == 6 and "gone@N00/landmark_aligned_face.7.x.jpg" in [s["file"] for s in meta["skipped"]]
+    assert meta["n_skipped"] == 7 and "gone@N00/landmark_aligned_face.7.x.jpg" in [s["file"] for s in meta["skipped"]]
+    assert {"file": "fold_0_data.txt:6", "reason": "malformed row: 3 of 12 fields"} in meta["skipped"]
     assert [meta["splits"][s]["n"] for s in data.SPLITS] == [6, 2, 2]
     for s, folds in (("train", [0, 0, 1, 1, 2, 2]), ("val", [3, 3]), ("test", [4, 4])):
         x, y, g = data.load_split(out, s)

@@ -4,11 +4,13 @@ its class; each failed on the code before the fix."""
 import pytest
 import torch
 
+import data
 import evaluate
 import model
+import robust
 import train_mixmatch
 import train_vit
-from conftest import error_line
+from conftest import VIT_TINY, error_line
 
 # -----------------------------------------------------------------------------
 # class 3: inputs that lie about their own sanity
@@ -79,3 +81,38 @@ def test_class5_push_to_hub_without_a_network_is_one_line(tiny_data, tmp_path, m
     message = error_line(evaluate.main, ["--ckpt", ckpt, "--data", tiny_data, "--out", str(tmp_path / "out"),
                                          "--push_to_hub=me/x", "--n_boot=0"])
     assert message.startswith("error: cannot push to the Hub repo me/x (ConnectError)")  # was an httpx traceback
+
+
+# -----------------------------------------------------------------------------
+# class 4: long jobs that die late
+
+def test_class4_a_table_checks_every_row_before_the_first_trains(tiny_data, tmp_path):
+    # 320 train faces, the smallest label x group cell 16: subsampling keeps 64, fewer than a batch of 80. The table
+    # used to train ERM, reweighting and oversampling first, then stop at the fourth row.
+    out = tmp_path / "table"
+    message = error_line(robust.main, ["--table=robust", *VIT_TINY, f"--data={tiny_data}", f"--out_dir={out}",
+                                       "--batch_size=80", "--table_seeds=1"])
+    assert message.startswith("error: robust table row 'subsampling (sampler=subsample)' (seed 0): --batch_size=80 is "
+                              "larger than the 64 training samples")
+    assert not out.exists() or not any(out.iterdir())  # nothing trained
+
+
+def test_class4_a_sweep_checks_every_seed_before_the_first_trains(tiny_data, tmp_path):
+    args = [*VIT_TINY, f"--data={tiny_data}", f"--sweep_dir={tmp_path}"]
+    assert error_line(train_vit.main, [*args, "--sweep=0 1 0"]) == \
+        'error: --sweep=0 1 0: seed 0 is listed twice; each seed is one run'
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "log.jsonl").write_text("{}\n")  # an earlier run of seed 1: refused before seed 0 trains
+    message = error_line(train_vit.main, [*args, "--sweep=0 1"])
+    assert message.startswith(f"error: --sweep seed 1: {tmp_path / 'seed1'} holds an earlier run")
+    assert not (tmp_path / "seed0").exists()
+
+
+def test_class5_show_out_png_is_the_file_and_augment_kw_suggests_a_form_that_works(tiny_data, tmp_path):
+    grid = tmp_path / "grid.png"
+    data.main(["show", tiny_data, f"--out={grid}", "--n_per_cell=1", "--n_aug=1"])
+    assert grid.is_file() and grid.read_bytes()[:4] == b"\x89PNG"  # was a folder named grid.png
+    message = error_line(data.main, ["show", tiny_data, "--augment_kw=crop_scale=0.5"])
+    assert message.endswith("needs 2 comma-separated values, like (0.5,1.0)")  # was "like 0.5,1.0", which fails
+    data.main(["show", tiny_data, "--augment_kw=crop_scale=(0.5,1.0)", f"--out={tmp_path / 'ok.png'}",
+               "--n_per_cell=1", "--n_aug=1"])  # the suggested form works
