@@ -81,9 +81,12 @@ class DataError(configurator.UserError):
 
 
 def read_meta(data_dir, splits=(), verify=None):
-    """data_dir/meta.json, once the split files are checked against it. verify="size" (the default) checks that
-    every split's file is there at the size meta.json records (a stat each); "full" also checks each split's content
-    hash (reading every byte, once per file and process); None takes DATA_VERIFY from the environment (size or full).
+    """data_dir/meta.json, once the split files are checked against it. verify="size" checks that every split's file
+    is there at the size meta.json records (a stat each); "full" also checks each split's content hash (reading every
+    byte, once per file and process); "once" (the default) checks the content hash of a file the first time it is
+    read here and again whenever its size or mtime changed (recorded in data_dir/.hashed.json), so a file damaged
+    or edited in place to the same size is caught without re-hashing every run; None takes DATA_VERIFY from the
+    environment.
     splits: the splits the caller will read, opened and checked now (_open_beton: sample count, fields, image
     sizes, offsets, label range), so a damaged file fails before any work; the loaders reuse that check.
     A missing, damaged or changed data set raises DataFileError, with a one-line message that says what to do."""
@@ -98,9 +101,10 @@ def read_meta(data_dir, splits=(), verify=None):
     if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "image_size" not in meta or \
             not all(isinstance(v, dict) and "n" in v for v in meta["splits"].values()):
         raise DataFileError(f"{path} is not a data.py meta.json (no splits or image size); {_rebuild(data_dir, {})}")
-    verify = verify or os.environ.get("DATA_VERIFY") or "size"
-    if verify not in ("size", "full"):
-        raise configurator.UserError(f"DATA_VERIFY={verify}: size (the default) or full")
+    verify = verify or os.environ.get("DATA_VERIFY") or "once"
+    if verify not in ("size", "once", "full"):
+        raise configurator.UserError(f"DATA_VERIFY={verify}: once (the default), size or full")
+    hashed = _hashed_here(data_dir) if verify == "once" else {}
     for split, info in meta["splits"].items():
         beton = os.path.join(data_dir, f"{split}.beton")
         if not os.path.isfile(beton):
@@ -109,11 +113,32 @@ def read_meta(data_dir, splits=(), verify=None):
         if "bytes" in info and size != info["bytes"]:
             raise DataFileError(f"{beton} has {size} bytes, meta.json records {info['bytes']}: it changed after the "
                                 f"build; {_rebuild(data_dir, meta)}")
-        if verify == "full":
+        st = os.stat(beton)
+        if verify == "full" or (verify == "once" and hashed.get(split) != [st.st_size, st.st_mtime_ns]):
             _verify_content(data_dir, split, meta)
+            hashed[split] = [st.st_size, st.st_mtime_ns]
+    if verify == "once" and hashed != _hashed_here(data_dir):
+        try:
+            run.write_text(os.path.join(data_dir, HASHED), json.dumps(hashed))
+        except OSError:  # a read-only data set: its files are hashed again by the next process
+            pass
     for split in splits:
         _open_beton(data_dir, split, meta)
     return meta
+
+
+HASHED = ".hashed.json"  # {split: [size, mtime_ns]} of the files whose content hash was checked in this folder
+
+
+def _hashed_here(data_dir):
+    """The split files of data_dir hashed in full before, as they were then (DATA_VERIFY=once): a file with the
+    same size and mtime is trusted without reading it again; one changed in place, even to the same size, is not."""
+    try:
+        with open(os.path.join(data_dir, HASHED), encoding="utf-8") as fh:
+            record = json.load(fh)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: everything is hashed again
+        return {}
 
 
 def temp_folder(name, kind, pid, unique):

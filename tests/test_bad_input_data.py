@@ -6,6 +6,7 @@ run as real processes, to check stderr and to kill a build at a chosen step. Eve
 can hang. (The training scripts' bad inputs live in test_bad_input.py.)"""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -146,6 +147,13 @@ data.main(["synthetic", "--n=30", "--size=16", "--seed=1", "--force", f"--out_di
 """
 
 
+@pytest.fixture
+def copied_betons(monkeypatch):
+    """killed_build's data sets hold the template's .beton files under a seed-1 meta.json, so their content hashes
+    disagree on purpose: those tests are about the transaction, so they read with the size check alone."""
+    monkeypatch.setenv("DATA_VERIFY", "size")
+
+
 def killed_build(out, at, template):
     """Run a --force build of out (seed 1) in a process that SIGKILLs itself at step `at`."""
     r = subprocess.run([sys.executable, "-c", KILL, out, at, template], cwd=ROOT, capture_output=True, text=True,
@@ -153,7 +161,7 @@ def killed_build(out, at, template):
     assert r.returncode == -signal.SIGKILL, r.stderr
 
 
-def test_force_rebuild_killed_between_the_moves_is_finished_by_the_next_build(built, tmp_path, capsys):
+def test_force_rebuild_killed_between_the_moves_is_finished_by_the_next_build(built, tmp_path, capsys, copied_betons):
     out = str(tmp_path / "set")
     shutil.copytree(built, out)
     killed_build(out, "swap", built)
@@ -164,7 +172,7 @@ def test_force_rebuild_killed_between_the_moves_is_finished_by_the_next_build(bu
     assert data.read_meta(out)["args"]["seed"] == 1 and hidden(tmp_path) == []
 
 
-def test_force_rebuild_killed_while_deleting_the_old_version(built, tmp_path, capsys):
+def test_force_rebuild_killed_while_deleting_the_old_version(built, tmp_path, capsys, copied_betons):
     out = str(tmp_path / "set")
     shutil.copytree(built, out)
     killed_build(out, "cleanup", built)
@@ -174,7 +182,7 @@ def test_force_rebuild_killed_while_deleting_the_old_version(built, tmp_path, ca
     assert data.read_meta(out)["args"]["seed"] == 1 and hidden(tmp_path) == []
 
 
-def test_killed_builds_leave_temporary_folders_the_next_build_removes(built, tmp_path, capsys):
+def test_killed_builds_leave_temporary_folders_the_next_build_removes(built, tmp_path, capsys, copied_betons):
     out = str(tmp_path / "set")
     killed_build(out, "write", built)
     other = tmp_path / ".settings.build-1-x.tmp"  # another out_dir's: not this build's business
@@ -439,13 +447,20 @@ def test_changed_beton_is_refused(built, tmp_path, monkeypatch):
     meta = data.read_meta(out)
     ptr = int(data._open_beton(out, "train", meta)[2]["image"]["data_ptr"][5])
     original = open(path, "rb").read()
+    before = os.stat(path)
     with open(path, "r+b") as fh:  # one pixel of one image: same size, same structure
         fh.seek(ptr + 7)
         fh.write(bytes([original[ptr + 7] ^ 0x40]))
-    assert len(data.load_split(out, "train")[0]) == 24  # the cheap default check cannot see one byte
-    monkeypatch.setenv("DATA_VERIFY", "full")
-    msg = fails(["show", out])
-    assert f"{path}: its content (sha256" in msg and "rebuild it: python data.py synthetic" in msg
+    # issue 23, class 3: the default (DATA_VERIFY=once) hashed the file on its first read above and recorded its size
+    # and mtime; an edit in place changes the mtime (set here, as the file system's clock may be coarser than the
+    # test), so the file is hashed again and refused
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    for verify in ("once", "full"):
+        monkeypatch.setenv("DATA_VERIFY", verify)
+        msg = fails(["show", out])
+        assert f"{path}: its content (sha256" in msg and "rebuild it: python data.py synthetic" in msg
+    monkeypatch.setenv("DATA_VERIFY", "size")
+    assert len(data.load_split(out, "train")[0]) == 24  # the cheapest check cannot see one byte
     monkeypatch.delenv("DATA_VERIFY")
     open(path, "ab").write(b"\0" * 100)  # appended bytes
     msg = fails(["show", out])
@@ -457,6 +472,27 @@ def test_changed_beton_is_refused(built, tmp_path, monkeypatch):
     assert "train.beton is not a readable .beton" in fails(["show", out])
     open(path, "wb").write(original)
     assert data.read_meta(out, verify="full")["splits"]["train"]["n"] == 24
+
+
+def test_default_check_hashes_a_file_once_per_size_and_mtime(built, tmp_path, monkeypatch):
+    # issue 23, class 3: DATA_VERIFY=once (the default) reads every byte the first time, then trusts a file whose
+    # size and mtime are those it hashed (a new process has no in-memory cache: the record is in .hashed.json)
+    out = str(tmp_path / "set")
+    shutil.copytree(built, out)
+    hashed = []
+    monkeypatch.setattr(data, "_verify_content", lambda d, split, meta: hashed.append(split))
+    data.read_meta(out)
+    assert sorted(hashed) == sorted(data.SPLITS)
+    record = json.load(open(os.path.join(out, data.HASHED)))
+    assert record["train"] == [os.path.getsize(os.path.join(out, "train.beton")),
+                               os.stat(os.path.join(out, "train.beton")).st_mtime_ns]
+    hashed.clear()
+    data.read_meta(out)
+    assert hashed == []  # unchanged files: a stat each
+    st = os.stat(os.path.join(out, "val.beton"))
+    os.utime(os.path.join(out, "val.beton"), ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    data.read_meta(out)
+    assert hashed == ["val"]  # touched: hashed again
 
 
 def test_reading_what_is_not_a_data_set(built, tmp_path):
