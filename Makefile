@@ -15,7 +15,7 @@ ARGS    ?=
 APT_PKGS := pkg-config libturbojpeg0-dev libopencv-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint data demo demo-groups train sweep evaluate attention mixmatch ssl-table robust-table bench gpu-check clean
+.PHONY: help setup test lint data demo demo-groups train sweep evaluate attention mixmatch mixmatch-show ssl-table robust-table bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,9 @@ attention: setup  ## attention maps of $(RUN)/best.safetensors on data/$(DATA) -
 
 mixmatch: setup  ## MixMatch on data/$(DATA) with N_LABELED labels
 	$(PY) train_mixmatch.py --data=data/$(DATA) --n_labeled=$(N_LABELED) --seed=$(SEED) --out_dir=runs/mixmatch_$(DATA)_$(N_LABELED)_s$(SEED) $(ARGS)
+
+mixmatch-show: setup data/$(SSL_DATA)/meta.json  ## one MixMatch step drawn offline (batch, guesses, mixup, lambda') -> runs/mixmatch_show.png
+	$(PY) train_mixmatch.py --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) $(SSL_ARGS) --show=runs/mixmatch_show.png $(ARGS)
 
 ssl-table: setup data/$(SSL_DATA)/meta.json  ## supervised / MixMatch / MixMatch without mixup / full, 3 seeds -> runs/ssl_table/ssl_table.md
 	$(PY) train_mixmatch.py --table --data=data/$(SSL_DATA) --n_labeled=$(SSL_LABELED) --out_dir=runs/ssl_table $(SSL_ARGS) $(ARGS)

@@ -6,12 +6,15 @@
     with ddp(device_name): ...          torchrun's process group (NCCL on CUDA, gloo on the CPU), torn down after
     gather(t, world), rng_states(...)   what the ranks share: predictions, RNG states for an exact resume
     write_table(path, intro, header, rows), mean_std(values)   the seed tables (sweep, ssl-table, robust table)
+    write_log(out_dir, rows)            a run's log.jsonl, rewritten whole from its records
+    with Events(out_dir, enabled) as e: e.add(record, step)   the same records as TensorBoard scalars (tensorboard=)
 
 Nothing here knows about models or data: model.py saves its checkpoints through write_atomic.
 """
 
 import contextlib
 import gc
+import json
 import os
 import signal
 import threading
@@ -185,6 +188,70 @@ def set_rng_states(states, generator, device, rank):
     generator.set_state(states["augment"][r].cpu())
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"][r].cpu(), device)
+
+
+# a run's log: log.jsonl, and the same records as TensorBoard scalars
+
+def write_log(out_dir, rows):
+    """out_dir/log.jsonl rewritten whole from the rows (JSON records), atomically: a resumed run's log is the
+    uninterrupted run's."""
+    write_text(os.path.join(out_dir, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def tensorboard_writer():
+    """torch's TensorBoard SummaryWriter class. TensorBoard is an optional dependency: without it, one UserError
+    naming the package (the trainers ask for it while checking their config, before any work)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def scalars(record, prefix=""):
+    """A log record's numeric fields as {tag: number}, nested dicts and lists flattened into "/"-joined tags
+    (group_accuracy/women, fair_score_ci/0); strings, booleans and None are left out."""
+    out = {}
+    for key, value in record.items() if isinstance(record, dict) else enumerate(record):
+        tag = f"{prefix}{key}"
+        if isinstance(value, (dict, list, tuple)):
+            out |= scalars(value, tag + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[tag] = value
+    return out
+
+
+class Events:
+    """TensorBoard's copy of a run's log.jsonl, event files in out_dir: add(record, step) writes every numeric field
+    of the record (scalars()) at the record's step and flushes, so a killed run keeps what it logged. enabled=False
+    (tensorboard=false, and every DDP rank but 0) makes it a no-op.
+
+    One stream across resumes, each step once: a session's first add opens its event file with SummaryWriter's
+    purge_step at that step, and a resumed run's first add is the record it resumed from (the last one its
+    last.safetensors holds). Whatever an interrupted session wrote from that step on is then dropped by both of
+    TensorBoard's readers: the Python one (EventAccumulator, tensorboard --load_fast=false) on the purge_step marker,
+    the Rust data server on the repeated step, which preempts the later points of each tag it repeats
+    (https://github.com/tensorflow/tensorboard/blob/master/tensorboard/data/server/reservoir.rs). A context manager:
+    leaving it closes the writer's file and thread."""
+
+    def __init__(self, out_dir, enabled):
+        self.out_dir, self.enabled, self.writer = out_dir, enabled, None
+
+    def add(self, record, step):
+        if not self.enabled:
+            return
+        if self.writer is None:
+            self.writer = tensorboard_writer()(self.out_dir, purge_step=step)
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
 
 
 # the seed tables: one markdown writer for train_vit.py's sweep, train_mixmatch.py's ssl-table and robust.py's table

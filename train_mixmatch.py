@@ -7,6 +7,7 @@ in one file, nanoGPT style: the config block below holds the defaults, --key=val
     python train_mixmatch.py --config=cpu_small --data=data/ssl --n_labeled=250    # small CNN from scratch on CPU
     python train_mixmatch.py --table --config=cpu_small --data=data/ssl --out_dir=runs/ssl_table  # -> ssl_table.md
     python train_mixmatch.py ... --out_dir=runs/x --resume                         # continue a killed run exactly
+    python train_mixmatch.py --config=cpu_small --data=data/ssl --show=step.png    # draw step 1, no training
     torchrun --standalone --nproc_per_node=2 train_mixmatch.py ...                 # DDP: NCCL on GPU, gloo on CPU
 
 (data/ssl: `python data.py synthetic --n 12000 --size 40 --target Male --group none --out data/ssl`, gender of faces;
@@ -28,14 +29,16 @@ labelled and unlabelled rows together (what the reference's interleave achieves 
 
 A run writes out_dir/log.jsonl (one line per validation, then the test line), curves.png, best.safetensors (the
 EMA model at its best validation metric, select=) and last.safetensors (the EMA model, plus the raw model,
-optimizer, RNG, batch-stream and loss state that resume=true continues bit-identically on the CPU).
+optimizer, RNG, batch-stream and loss state that resume=true continues bit-identically on the CPU); with
+tensorboard=true, also TensorBoard event files holding log.jsonl's numbers (run.Events; TensorBoard step = step).
+show=PATH.png draws the first step instead of training (show_step): the batch, the K views with the guessed and
+sharpened labels, the mixup partners with their lambda', and the distribution of lambda' for three alphas.
 DDP: batch_size is global; each rank takes its slice of the same global batch order, augments and mixes its own
 rows (mixup partners come from the same rank, BN statistics are per rank), and the gradients are averaged.
 """
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -66,7 +69,7 @@ data_dir = "data/celeba"  # a data.py output folder
 out_dir = "runs/mixmatch"  # the run's folder; with table=true, the folder of every run and of ssl_table.md
 resume = False  # continue from out_dir/last.safetensors if it exists
 force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
-select = "accuracy"  # the val metric that picks best.safetensors (metrics.SELECT); all but accuracy need groups
+select = "accuracy"  # the val metric behind best.safetensors (metrics.SELECT); fair and worst_group need groups
 seed = 0  # model init, augmentation, mixup, batch order and the choice of the labelled subset
 n_labeled = 250  # labelled train images, balanced per class; the rest of the train split is unlabelled
 mode = "mixmatch"  # mixmatch | supervised | full
@@ -101,6 +104,10 @@ amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 r
 compile = False  # torch.compile the model (works on the CPU too, where it is slower)
 table = False  # supervised, mixmatch, mixmatch without mixup, full: table_seeds seeds -> out_dir/ssl_table.md
 table_seeds = 3  # seeds 0 .. table_seeds-1
+tensorboard = False  # also write each log.jsonl record as TensorBoard scalars in out_dir (pip install tensorboard)
+# the picture of one step
+show = ""  # PATH.png: draw this config's first MixMatch step on its data (batch, guesses, mixup, lambda') and exit
+show_ckpt = ""  # show's guessing model: a checkpoint, e.g. runs/x/best.safetensors; "" = the untrained initial model
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 CHOICES = {"mode": ("mixmatch", "supervised", "full"), "net": ("vit", "wrn50_2", "small"), "opt": ("adam", "sing"),
@@ -122,6 +129,7 @@ PRESETS = {
     # the original gender / mask experiments' backbone, ImageNet weights
     "wrn50_2": dict(net="wrn50_2", pretrained="torchvision", img_size=224, lr=1e-4, batch_size=32),
 }
+IMBALANCE = 5  # a train class ratio beyond 1:IMBALANCE gets the select=accuracy warning (imbalance_warning)
 # the table's rows: (name, run folder tag, config overrides); "no mixup" is the paper's ablation
 TABLE = (("supervised", "supervised", dict(mode="supervised")),
          ("mixmatch", "mixmatch", dict(mode="mixmatch", mixup=True)),
@@ -138,11 +146,12 @@ def sharpen(p, T):
 
 
 def guess_labels(net, views, T):
-    """Average the softmax over the K augmented views of one unlabelled batch, then sharpen. No gradient; the
-    views go through the model in one forward (same result as K forwards for a model without batch statistics)."""
+    """The label guess of one unlabelled batch: the softmax averaged over its K augmented views, and that guess
+    sharpened with T. No gradient; the views go through the model in one forward (same result as K forwards for a
+    model without batch statistics). -> (guess, sharpened guess), [B, classes] each."""
     with torch.no_grad(), frozen_bn_stats(net):
         p = net(torch.cat(views)).float().softmax(1).view(len(views), len(views[0]), -1).mean(0)
-    return sharpen(p, T)
+    return p, sharpen(p, T)
 
 
 @contextmanager
@@ -160,14 +169,20 @@ def frozen_bn_stats(net):
             m.momentum = momentum
 
 
+def mixup_lambdas(n, alpha, device=None):
+    """n draws of lambda' = max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha): MixMatch's mixing weights, each
+    row kept closer to itself (from torch's global RNG, as the rest of the step's mixup)."""
+    lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(device)
+    return torch.maximum(lam, 1 - lam)
+
+
 def mix(x, p, alpha):
-    """MixUp of every row with a random row of the same batch, lambda ~ Beta(alpha, alpha) per sample and
-    lambda' = max(lambda, 1 - lambda) so each row stays closer to itself; inputs and targets mixed identically."""
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(x),)).to(x.device)
-    lam = torch.maximum(lam, 1 - lam)
+    """MixUp of every row with a random row of the same batch (its partner), weights lambda' from mixup_lambdas;
+    inputs and targets mixed identically. -> (mixed x, mixed p, lambda' per row, partner index per row)."""
+    lam = mixup_lambdas(len(x), alpha, x.device)
     perm = torch.randperm(len(x), device=x.device)
     lx, lp = lam.view(-1, *[1] * (x.dim() - 1)), lam.view(-1, *[1] * (p.dim() - 1))
-    return lx * x + (1 - lx) * x[perm], lp * p + (1 - lp) * p[perm]
+    return lx * x + (1 - lx) * x[perm], lp * p + (1 - lp) * p[perm], lam, perm
 
 
 def soft_cross_entropy(logits, target):
@@ -248,17 +263,25 @@ def build_model(c, num_classes):
     return model.ViT(dataclasses.replace(model.PRESETS[c.arch], img_size=c.img_size, num_classes=num_classes))
 
 
-def mixmatch_losses(c, net, forward, xl, pl, views):
-    """MixMatch's two losses for one step: labels guessed from the K unlabelled views (sharpened with T), the rows
-    [x; u_1..u_K] mixed with their targets (unless mixup=false), one forward over all of them (BN statistics see
-    labelled and unlabelled rows together). -> (soft CE on the labelled rows, L2 on the rest)."""
-    b = len(xl)
-    q = guess_labels(net, views, c.T)
+def mixmatch_rows(c, net, xl, pl, views):
+    """What one MixMatch step feeds the model, and what show= draws: labels guessed by net from the K unlabelled
+    views and sharpened with T, then the rows [x; u_1..u_K] with targets [p; q..q], mixed (unless mixup=false).
+    -> namespace: guess and q (the guess sharpened), [B, classes]; x and p, the (mixed) rows and targets, [(1+K)B, ...];
+    lam and perm, each row's lambda' and partner (None without mixup)."""
+    guess, q = guess_labels(net, views, c.T)
     x, p = torch.cat([xl, *views]), torch.cat([pl] + [q] * c.K)
+    lam = perm = None
     if c.mixup:
-        x, p = mix(x, p, c.alpha)
-    logits = forward(x)
-    return soft_cross_entropy(logits[:b], p[:b]), l2_loss(logits[b:], p[b:])
+        x, p, lam, perm = mix(x, p, c.alpha)
+    return SimpleNamespace(guess=guess, q=q, x=x, p=p, lam=lam, perm=perm)
+
+
+def mixmatch_losses(c, net, forward, xl, pl, views):
+    """MixMatch's two losses for one step: mixmatch_rows, then one forward over all of them (BN statistics see
+    labelled and unlabelled rows together). -> (soft CE on the labelled rows, L2 on the rest)."""
+    b, rows = len(xl), mixmatch_rows(c, net, xl, pl, views)
+    logits = forward(rows.x)
+    return soft_cross_entropy(logits[:b], rows.p[:b]), l2_loss(logits[b:], rows.p[b:])
 
 
 def validate(c, ema, net, val_loader, group_names, world, step, losses, w_u):
@@ -270,20 +293,22 @@ def validate(c, ema, net, val_loader, group_names, world, step, losses, w_u):
             "raw": {k: m_raw[k] for k in ("accuracy", "f1", "group_accuracy", "fair_score") if k in m_raw}}, m_ema
 
 
-def load_train_data(c, world, dev):
+def load_train_data(c, world, dev, master=True):
     """The train split (images and labels on the device), its labelled and unlabelled indices, and meta.json, once
-    every check of the data against the config has passed."""
+    every check of the data against the config has passed (and the imbalance warning printed, by the master)."""
     if c.batch_size % world:
         raise UserError(f"batch_size={c.batch_size} does not split evenly over {world} ranks")
     meta = data.read_meta(c.data_dir, splits=("train", "val", "test"))
     _, val_groups = data.load_labels(c.data_dir, "val")
     train_x, train_y, _ = data.load_split(c.data_dir, "train")
     num_classes = len(meta["classes"])
-    if c.select != "accuracy" and not metrics.has_groups(val_groups):
+    if c.select in metrics.NEEDS_GROUPS and not metrics.has_groups(val_groups):
         raise UserError(f"select={c.select} needs two or more groups in the val split of {c.data_dir}; use "
                         "--select=accuracy")
     if len(train_y.unique()) < 2:
         raise UserError(f"{c.data_dir} has one class in its train split: a classifier needs two")
+    if master and (warning := imbalance_warning(c, train_y, meta["classes"])):
+        print(warning, file=sys.stderr)
     if c.mode != "full" and c.n_labeled < num_classes:
         raise UserError(f"--n_labeled={c.n_labeled}: at least one labelled image per class ({num_classes} classes)")
     everything = torch.arange(len(train_y))
@@ -295,6 +320,19 @@ def load_train_data(c, world, dev):
     if c.mode == "mixmatch" and len(unlab) == 0:
         raise UserError("n_labeled covers the whole train split: nothing left unlabelled for MixMatch")
     return meta, train_x.to(dev), train_y.to(dev), lab, unlab
+
+
+def imbalance_warning(c, train_y, classes):
+    """The one-line warning for select=accuracy on a train split whose largest class outnumbers its smallest more
+    than IMBALANCE to 1 (mask sets run 1:18 to 1:40): validation accuracy then favours the majority-class model, so
+    best.safetensors may be it. "" otherwise."""
+    counts = torch.bincount(train_y, minlength=len(classes)).tolist()
+    if c.select != "accuracy" or max(counts) <= IMBALANCE * min(counts):
+        return ""
+    ratio = max(counts) / min(counts) if min(counts) else math.inf
+    per_class = ", ".join(f"{name} {n}" for name, n in zip(classes, counts))
+    return (f"warning: the train classes run 1:{ratio:.0f} ({per_class}); select=accuracy would favour the majority "
+            "class: consider --select=balanced_accuracy")
 
 
 def build_run(c, num_classes, dev, rank):
@@ -311,6 +349,28 @@ def build_run(c, num_classes, dev, rank):
     return net, ema, optimizer, gen_idx, gen_aug
 
 
+def batch_streams(c, lab, unlab, gen_idx, gen_aug):
+    """What the steps draw from: the labelled and unlabelled batch streams (batch order from gen_idx) and the train
+    transform of augment= (draws from gen_aug). -> (labelled Batches, unlabelled Batches, transform)."""
+    kw = data.augment_settings(c.augment, c.augment_kw)
+    transform = (lambda x: data.prepare(x, c.img_size)) if kw is None else \
+        (lambda x: data.augment(x, c.img_size, generator=gen_aug, **kw))
+    return Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx), transform
+
+
+def draw_rows(c, train_x, train_y, num_classes, streams, mine):
+    """One step's input rows: this rank's slice `mine` of the next labelled batch, augmented once, with its one-hot
+    targets, and for mode=mixmatch its slice of the next unlabelled batch augmented K times. -> (xl, pl, views: a
+    list of K batches, empty in the other modes)."""
+    lab_batches, unlab_batches, transform = streams
+    idx = next(lab_batches)[mine].to(train_x.device)
+    xl, pl = transform(train_x[idx]), F.one_hot(train_y[idx], num_classes).float()
+    if c.mode != "mixmatch":
+        return xl, pl, []
+    xu = train_x[next(unlab_batches)[mine].to(train_x.device)]
+    return xl, pl, [transform(xu) for _ in range(c.K)]
+
+
 def train(cfg):
     """One run into cfg['out_dir']; returns the test metrics of the best (EMA) checkpoint, or None when stop_after
     ended the run early."""
@@ -319,8 +379,7 @@ def train(cfg):
     master = rank == 0
     dev = run.pick_device(c.device)
     b = c.batch_size // world  # this rank's labelled rows (and unlabelled ones, times K)
-    aug_kw = data.augment_settings(c.augment, c.augment_kw)
-    meta, train_x, train_y, lab, unlab = load_train_data(c, world, dev)
+    meta, train_x, train_y, lab, unlab = load_train_data(c, world, dev, master)
     num_classes, group_names = len(meta["classes"]), meta.get("groups") or metrics.GROUP_NAMES
     val_loader = data.make_loader(c.data_dir, "val", c.eval_batch_size, train=False, device=dev, rank=rank,
                                   world_size=world)
@@ -328,9 +387,10 @@ def train(cfg):
     net, ema, optimizer, gen_idx, gen_aug = build_run(c, num_classes, dev, rank)
     decayed = decayed_weights(net)
     autocast = torch.autocast(dev.type, torch.bfloat16) if c.amp == "bf16" else nullcontext()
-    lab_batches, unlab_batches = Batches(lab, c.batch_size, gen_idx), Batches(unlab, c.batch_size, gen_idx)
+    streams = batch_streams(c, lab, unlab, gen_idx, gen_aug)
+    lab_batches, unlab_batches, _ = streams
 
-    with run.run_dir(c.out_dir, c.resume, c.force, master):
+    with run.run_dir(c.out_dir, c.resume, c.force, master), run.Events(c.out_dir, c.tensorboard and master) as events:
         start, best, best_step, history, losses = 0, -math.inf, 0, [], []
         last_path, best_path = os.path.join(c.out_dir, "last.safetensors"), os.path.join(c.out_dir, "best.safetensors")
         configs = [cfg]  # every config this run was started or resumed with, oldest first (kept in last.safetensors)
@@ -347,6 +407,8 @@ def train(cfg):
                                                                             "losses"))
             if master:
                 print(f"resuming {last_path} after step {start}")
+            if history:  # the resume point first: TensorBoard drops what an interrupted session logged after it
+                events.add(history[-1], history[-1]["step"])
         elif c.resume and master:
             print(f"resume=true but no {last_path} yet: starting from scratch")
         forward = nn.parallel.DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None) \
@@ -365,11 +427,9 @@ def train(cfg):
                          "history": history, "losses": losses, "configs": configs}
                 model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
                                                        else None}, state=state)
-                write_log(history, c.out_dir)
+                run.write_log(c.out_dir, history)
 
-        ramp_steps, size, mine = c.rampup * c.steps, c.img_size, slice(rank * b, (rank + 1) * b)
-        augment = (lambda x: data.prepare(x, size)) if aug_kw is None else \
-            (lambda x: data.augment(x, size, generator=gen_aug, **aug_kw))
+        ramp_steps, mine = c.rampup * c.steps, slice(rank * b, (rank + 1) * b)
         end = min(c.steps, c.stop_after) if c.stop_after else c.steps
         bar = tqdm(range(start + 1, end + 1), desc=f"{c.mode} s{c.seed}", dynamic_ncols=True, disable=not master)
         t0, seen = time.time(), 0
@@ -379,13 +439,9 @@ def train(cfg):
                 kept = f"{last_path} holds step {history[-1]['step']}" if history else "nothing was saved yet"
                 raise run.Stopped(f"stopped by a signal at step {step}: {kept}; continue with --resume=true")
             net.train()
-            idx = next(lab_batches)[mine].to(dev)
-            xl = augment(train_x[idx])
-            pl = F.one_hot(train_y[idx], num_classes).float()
             with autocast:
+                xl, pl, views = draw_rows(c, train_x, train_y, num_classes, streams, mine)
                 if c.mode == "mixmatch":
-                    xu = train_x[next(unlab_batches)[mine].to(dev)]
-                    views = [augment(xu) for _ in range(c.K)]
                     loss_x, loss_u = mixmatch_losses(c, net, forward, xl, pl, views)
                     w_u = c.lambda_u * rampup_weight(step, ramp_steps)
                     loss = loss_x + w_u * loss_u
@@ -414,6 +470,7 @@ def train(cfg):
                 record, val_metrics = validate(c, ema, net, val_loader, group_names, world, step, losses, w_u)
                 losses = []
                 history.append(record)
+                events.add(record, step)
                 score = metrics.selection_score(record, c.select)
                 improved = score > best
                 if improved:
@@ -433,12 +490,12 @@ def train(cfg):
                 print(f"stopped after step {end} of {c.steps} (stop_after); --resume=true continues it")
             return None
 
-        return best_on_test(c, history, best_step, group_names, dev)
+        return best_on_test(c, history, best_step, group_names, dev, events)
 
 
-def best_on_test(c, history, best_step, group_names, dev):
+def best_on_test(c, history, best_step, group_names, dev, events):
     """The end of a run: best.safetensors scored on the test split (every rank its shard), the test line appended
-    to log.jsonl. -> the test metrics."""
+    to log.jsonl (and to the TensorBoard events, at the last step). -> the test metrics."""
     rank, world = run.rank_world()
     if world > 1:
         dist.barrier()  # rank 0 wrote best.safetensors
@@ -447,16 +504,12 @@ def best_on_test(c, history, best_step, group_names, dev):
                                    world_size=world)
     test = evaluate.split_metrics(best_model, test_loader, c.img_size, group_names, world, c.amp)
     if rank == 0:
-        write_log([*history, {"test": test, "best_step": best_step}], c.out_dir)
+        record = {"test": test, "best_step": best_step}
+        run.write_log(c.out_dir, [*history, record])
+        events.add(record, c.steps)
         print(f"test (best val step {best_step}): acc {test['accuracy']:.4f} f1 {test['f1']:.4f}"
               + (f" fair {test['fair_score']:.4f}" if "fair_score" in test else "") + f" -> {c.out_dir}")
     return test
-
-
-def write_log(rows, out_dir):
-    """log.jsonl rewritten whole from the rows, atomically: a resumed run's log is the uninterrupted run's."""
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    run.write_text(os.path.join(out_dir, "log.jsonl"), text)
 
 
 def plot(history, path):
@@ -480,6 +533,112 @@ def plot(history, path):
     b.legend()
     fig.tight_layout()
     run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the picture of one step (show=)
+
+def show_step(cfg):
+    """show=PATH.png: the first step of this config on its data, drawn without training. The same calls as train's
+    first step (load_train_data, build_run, batch_streams, draw_rows, mixmatch_rows) with the same seeds, so the
+    batch, augmentations, guesses, partners and lambda' are the ones step 1 of `python train_mixmatch.py` with these
+    keys uses; show_ckpt= only swaps the model that guesses. -> mixmatch_rows' namespace."""
+    c = SimpleNamespace(**cfg)
+    dev = run.pick_device(c.device)
+    meta, train_x, train_y, lab, unlab = load_train_data(c, 1, dev)
+    classes = meta["classes"]
+    if c.show_ckpt:  # read first: rebuilding its model draws from torch's RNG, which build_run then seeds as train does
+        guesser, ckpt, _ = model.load_checkpoint(c.show_ckpt, device=dev)
+        if differ := data.mismatch(ckpt.get("data") or {}, meta):
+            raise UserError(f"--show_ckpt={c.show_ckpt} was trained on other data than {c.data_dir}: {differ}")
+        if guesser.config_dict()["img_size"] != c.img_size:
+            raise UserError(f"--show_ckpt={c.show_ckpt} takes {guesser.config_dict()['img_size']}-pixel inputs: pass "
+                            f"--img_size={guesser.config_dict()['img_size']}")
+    # train's seeds: torch's RNG (mixup's draws), the batch-order and augmentation generators
+    net, _, _, gen_idx, gen_aug = build_run(c, len(classes), dev, 0)
+    net, who = (guesser, c.show_ckpt) if c.show_ckpt else (net, "the untrained initial model")
+    net.train()  # as in training: batch statistics (frozen_bn_stats keeps the running ones)
+    with torch.autocast(dev.type, torch.bfloat16) if c.amp == "bf16" else nullcontext():
+        xl, pl, views = draw_rows(c, train_x, train_y, len(classes), batch_streams(c, lab, unlab, gen_idx, gen_aug),
+                                  slice(None))
+        rows = mixmatch_rows(c, net, xl, pl, views)
+    title = (f"MixMatch step 1 on {c.data_dir} (seed {c.seed}): {len(xl)} labelled + {len(xl)} x K={c.K} unlabelled "
+             f"rows, T={c.T:g}, α={c.alpha:g}; labels guessed by {who}")
+    plot_step(c.show, title, classes, c, xl, pl, views, rows)
+    print(f"wrote {c.show}")
+    return rows
+
+
+def plot_step(path, title, classes, c, xl, pl, views, rows, n=4):
+    """One PNG of a MixMatch step (mixmatch_rows' output for the rows xl, pl, views): the labelled batch (2n images)
+    with labels; n unlabelled images in their K views with the guessed (mean over the views) and sharpened label
+    distributions; n mixed rows (labelled and unlabelled ones) with their partner, the result, its lambda' and mixed
+    target; beside them the density of lambda' for alpha / 4, alpha and 4 alpha, drawn by mixup_lambdas as mix does
+    (the original work's mixup notebook), with this step's lambda' values marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    rgb = lambda x: (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    b, K = len(xl), len(views)
+    name = lambda r: f"labelled {r}" if r < b else f"unlabelled {(r - b) % b}, view {(r - b) // b + 1}"
+
+    def image(ax, x, label):
+        ax.imshow(rgb(x), interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        ax.set_title(label, fontsize=7)
+
+    def bars(ax, p, label):
+        ax.bar(range(len(classes)), p.float().cpu().numpy(), color="tab:blue")
+        ax.set(ylim=(0, 1), yticks=[0, 0.5, 1], xticks=range(len(classes)))
+        ax.set_xticklabels(classes, fontsize=6, rotation=30)
+        ax.tick_params(labelsize=6)
+        ax.set_title(label, fontsize=7)
+
+    fig = plt.figure(figsize=(12, 4 + 2.4 * n), layout="constrained")
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.2, 1.3 * n, 1.3 * n])
+    top.suptitle("the labelled batch (augmented once)", fontsize=9)
+    n_l = min(2 * n, b)
+    for i, ax in enumerate(top.subplots(1, 2 * n, squeeze=False)[0]):
+        if i < n_l:
+            image(ax, xl[i], classes[int(pl[i].argmax())])
+        else:
+            ax.axis("off")
+    middle.suptitle(f"unlabelled images: K={K} augmented views, the guess (mean softmax over the views) and the "
+                    f"guess sharpened with T={c.T:g}", fontsize=9)
+    n_u = min(n, b)
+    axes = middle.subplots(n_u, K + 2, squeeze=False, width_ratios=[1] * K + [1.6, 1.6])
+    for j in range(n_u):
+        for k in range(K):
+            image(axes[j, k], views[k][j], f"unlabelled {j}, view {k + 1}")
+        bars(axes[j, K], rows.guess[j], "guess")
+        bars(axes[j, K + 1], rows.q[j], f"sharpened (T={c.T:g})")
+    left, right = bottom.subfigures(1, 2, width_ratios=[3, 2])
+    left.suptitle("mixup: each row of [labelled; unlabelled views] mixed with a random partner, weight λ' on itself",
+                  fontsize=9)
+    shown = sorted({0, min(1, b - 1), b, b + min(1, b - 1)})  # two labelled rows, two unlabelled ones
+    axes = left.subplots(len(shown), 4, squeeze=False, width_ratios=[1, 1, 1, 1.6])
+    x_in = torch.cat([xl, *views])  # the rows before mixing: mixmatch_rows' x is the mixed one
+    for i, r in enumerate(shown):
+        lam, partner = float(rows.lam[r]), int(rows.perm[r])
+        image(axes[i, 0], x_in[r], name(r))
+        image(axes[i, 1], x_in[partner], f"partner: {name(partner)}")
+        image(axes[i, 2], rows.x[r], f"mixed, λ'={lam:.2f}")
+        bars(axes[i, 3], rows.p[r], "mixed target")
+    ax = right.subplots()
+    for a in (c.alpha / 4, c.alpha, 4 * c.alpha):
+        density, *_ = ax.hist(mixup_lambdas(20000, a).numpy(), bins=50, range=(0.5, 1), density=True, lw=1.5,
+                              histtype="step", label=f"α={a:g}" + (" (this run)" if a == c.alpha else ""))
+        if a == c.alpha:
+            top_y = 1.5 * density.max()  # small alphas pile up at 1 far higher: cut there, the rest stays readable
+    ax.plot(rows.lam.cpu().numpy(), [0] * len(rows.lam), "|", color="k", ms=14, label="this step's λ'")
+    ax.set(xlabel="λ' = max(λ, 1 - λ), λ ~ Beta(α, α)", ylabel="density", xlim=(0.5, 1), ylim=(0, top_y))
+    ax.legend(fontsize=8)
+    right.suptitle("what α does: at λ' near 1 a row stays itself, at 0.5 half its partner", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    run.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
 
 
@@ -526,6 +685,12 @@ def parse_config(argv):
              "or nothing (random init); --config=wrn50_2 sets it")
     if cfg["mode"] != "full":
         need("n_labeled", lambda v: v >= 1, "at least one labelled image per class (mode=full uses every label)")
+    if cfg["show"]:
+        need("mode", lambda v: v == "mixmatch", "--show draws a MixMatch step: needs mode=mixmatch")
+        need("mixup", lambda v: v, "--show draws MixMatch's mixup: needs mixup=true")
+    need("show_ckpt", lambda v: not v or cfg["show"], "the model of --show=PATH.png: pass --show too")
+    if cfg["tensorboard"]:
+        run.tensorboard_writer()  # a missing package is one line now, before any work
     return cfg
 
 
@@ -533,6 +698,9 @@ def parse_config(argv):
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     data.keep_freed_memory()  # the CPU augmentation's batch buffers reused, not page-faulted in anew (~1.7x)
+    if cfg["show"]:
+        show_step(cfg)
+        return
     with run.ddp(cfg["device"]):
         if cfg["table"]:
             run_table(cfg)

@@ -13,8 +13,9 @@ original 4th-place solution (DINO ViT-S/8 fine-tuned with SING at 224). Override
 
 A run writes out_dir/log.jsonl (one line per epoch, validation metrics under metrics.py's names),
 best.safetensors (best validation metric, select=), last.safetensors (+ optimizer, RNG and epoch state for
-resume=true) and curves.png. The two-stage debiasing methods (JTT, DFR) and the debiasing table live in robust.py,
-which drives this file's train().
+resume=true) and curves.png; with tensorboard=true, also TensorBoard event files holding log.jsonl's numbers (step =
+epoch). The two-stage debiasing methods (JTT, DFR) and the debiasing table live in robust.py, which drives this
+file's train().
 """
 
 import json
@@ -50,7 +51,7 @@ resume = False  # continue from out_dir/last.safetensors if it exists
 force = False  # replace an earlier run in out_dir (without resume or force, such an out_dir is refused)
 sweep = ""  # e.g. "0 1 2": train each seed into sweep_dir/seed<N>, then write sweep_dir/sweep.md
 sweep_dir = "runs/sweep"  # the sweep's folder (its own, so a sweep never overwrites a `make train` run)
-select = "fair"  # the val metric that picks best.safetensors: fair (metrics.fair_score) | worst_group | accuracy
+select = "fair"  # the val metric behind best.safetensors: fair | worst_group | accuracy | balanced_accuracy | macro_f1
 # model
 init = "dino"  # dino: model.load_pretrained(pretrained) | scratch: random init of model.PRESETS[arch]
 pretrained = "facebook/dino-vits8"  # Hub id or local weights file (init=dino)
@@ -90,6 +91,7 @@ device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile the model (works on the CPU too, where it is slower: the demo preset turns it off)
 amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 runs on the CPU too
 threads = 0  # CPU threads of torch's ops (torch.set_num_threads); 0 = torch's default (every core)
+tensorboard = False  # also write each log.jsonl record as TensorBoard scalars in out_dir (pip install tensorboard)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str)}
 AMP = ("bf16", "none")
@@ -335,7 +337,7 @@ def check_data(c, meta, groups, n_train, world):
     train_labels = {cell["label"] for cell in meta["splits"]["train"]["cells"]}
     if len(meta["classes"]) < 2 or len(train_labels) < 2:
         raise UserError(f"{c.data_dir} has {len(train_labels)} class in its train split: a classifier needs two")
-    if c.select != "accuracy" and not fair:
+    if c.select in metrics.NEEDS_GROUPS and not fair:
         raise UserError(f"select={c.select} needs two or more groups in the val split of {c.data_dir}; use "
                         "--select=accuracy")
     if by_cell and (groups < 0).any():
@@ -349,6 +351,21 @@ def check_data(c, meta, groups, n_train, world):
     return fair, n_groups
 
 
+def check_run(cfg, world=1):
+    """Everything about one run that can be known before any work: the data against the config (check_data), the
+    upsample file, and the out_dir (an earlier run there is refused unless resume or force). Sweeps and tables call
+    it for every run before the first trains. -> (meta, train labels, train groups, upsample, the first epoch's
+    indices, fair, n_groups)."""
+    c = SimpleNamespace(**cfg)
+    meta = data.read_meta(c.data_dir, splits=("train", "val"))
+    labels, groups = data.load_labels(c.data_dir, "train")
+    upsample = read_upsample(c.upsample, len(labels)) if c.upsample else None
+    indices = train_indices(c, labels, groups, 0, upsample)
+    fair, n_groups = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
+    run.check_out_dir(c.out_dir, c.resume, c.force)
+    return meta, labels, groups, upsample, indices, fair, n_groups
+
+
 def train(cfg):
     """One run; returns the log record of the best epoch (what best.safetensors holds)."""
     c = SimpleNamespace(**cfg)
@@ -356,11 +373,7 @@ def train(cfg):
     master = rank == 0
     device = run.pick_device(c.device)
     cuda = device.type == "cuda"
-    meta = data.read_meta(c.data_dir, splits=("train", "val"))
-    labels, groups = data.load_labels(c.data_dir, "train")
-    upsample = read_upsample(c.upsample, len(labels)) if c.upsample else None
-    indices = train_indices(c, labels, groups, 0, upsample)
-    fair, n_groups = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
+    meta, labels, groups, upsample, indices, fair, n_groups = check_run(cfg, world)
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
         print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
               "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
@@ -369,7 +382,7 @@ def train(cfg):
     objective = Objective(c, labels[kept], groups[kept], len(meta["classes"]), n_groups, device, world)
     aug_kw = data.augment_settings(c.augment, c.augment_kw)
 
-    with run.run_dir(c.out_dir, c.resume, c.force, master):
+    with run.run_dir(c.out_dir, c.resume, c.force, master), run.Events(c.out_dir, c.tensorboard and master) as events:
         torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         net = build_model(c, len(meta["classes"])).to(device)
         torch.manual_seed(c.seed + 1_000_003 * rank)  # drop-path masks: a different stream per rank
@@ -398,6 +411,8 @@ def train(cfg):
             configs = state.get("configs", []) + [cfg]
             if master:
                 print(f"resuming {last_path} after epoch {start_epoch}")
+            if history:  # the resume point first: TensorBoard drops what an interrupted session logged after it
+                events.add(history[-1], history[-1]["epoch"])
         elif c.resume and master:
             print(f"resume=true but no {last_path} yet: starting from scratch")
 
@@ -455,6 +470,7 @@ def train(cfg):
             if cuda:  # the CUDA allocator's high-water mark of this process so far (no such counter on the CPU)
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             history.append(record)
+            events.add(record, record["epoch"])
             score = metrics.selection_score(val_metrics, c.select)
             improved, best = score > best, max(best, score)
             rng = run.rng_states(aug_gen, device, world)  # a collective: every rank takes part
@@ -475,7 +491,7 @@ def save_epoch(c, net, ckpt_meta, state, improved):
     if improved:
         model.save_checkpoint(os.path.join(c.out_dir, "best.safetensors"), net, meta=ckpt_meta)
     model.save_checkpoint(os.path.join(c.out_dir, "last.safetensors"), net, meta=ckpt_meta, state=state)
-    run.write_text(os.path.join(c.out_dir, "log.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    run.write_log(c.out_dir, history)
     plot_curves(history, os.path.join(c.out_dir, "curves.png"))
     groups_txt = " ".join(f"{k} {v:.4f}" for k, v in metrics.get("group_accuracy", {}).items())
     worst = f" | worst cell {metrics['worst_group_accuracy']:.4f}" if "worst_group" in metrics else ""
@@ -505,6 +521,11 @@ def run_sweep(cfg):
     c = SimpleNamespace(**cfg)
     seeds = [int(s) for s in c.sweep.replace(",", " ").split()]  # checked by parse_config
     runs = [(s, os.path.join(c.sweep_dir, f"seed{s}")) for s in seeds]
+    for s, run_dir in runs:  # every seed's run checked before the first trains
+        try:
+            check_run({**cfg, "seed": s, "out_dir": run_dir}, run.rank_world()[1])
+        except UserError as e:
+            raise UserError(f"--sweep seed {s}: {e}") from None
     best = [train({**cfg, "seed": s, "out_dir": run_dir}) for s, run_dir in runs]
     if run.rank_world()[0] != 0:
         return
@@ -544,7 +565,12 @@ def parse_config(argv, defaults=DEFAULTS, file=__file__, presets=PRESETS, choice
          "comma-separated group ids, e.g. 0 (women) or 0,1")
     need("sweep", lambda v: all(p.lstrip("-").isdigit() for p in v.replace(",", " ").split()),
          "a list of integer seeds, e.g. \"0 1 2\"")
+    seeds = [int(p) for p in cfg["sweep"].replace(",", " ").split()]
+    need("sweep", lambda v: len(set(seeds)) == len(seeds),
+         f"seed {next((x for x in seeds if seeds.count(x) > 1), '')} is listed twice; each seed is one run")
     need("arch", lambda v: v in model.PRESETS, f"one of {', '.join(model.PRESETS)}")
+    if cfg["tensorboard"]:
+        run.tensorboard_writer()  # a missing package is one line now, before any work
     if cfg["init"] == "scratch":  # (init=dino: the patch size comes with the weights, checked once they are read)
         patch = cfg["patch_size"] or model.PRESETS[cfg["arch"]].patch_size
         need("img_size", lambda v: v % patch == 0, f"must be a multiple of the patch size {patch}")

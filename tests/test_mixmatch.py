@@ -54,19 +54,21 @@ def test_mix_keeps_shapes_and_each_row_mostly_itself():
     n = 64
     p = torch.eye(n)  # row i is "itself" in column i
     x = torch.randn(n, 3, 4, 4)
-    mx, mp = tm.mix(x, p, 0.75)
+    mx, mp, lam, perm = tm.mix(x, p, 0.75)
     assert mx.shape == x.shape and mp.shape == p.shape
     own = mp.diagonal()
     assert (own >= 0.5).all()  # lambda' = max(lambda, 1 - lambda)
     assert (own < 1).sum() > n // 2  # rows really are mixed (a row paired with itself keeps weight 1)
     assert torch.allclose(mp.sum(1), torch.ones(n))
+    moved = perm != torch.arange(n)  # the returned lambda' and partners are the ones used
+    assert torch.allclose(own[moved], lam[moved]) and torch.allclose(mp[moved, perm[moved]], 1 - lam[moved])
 
 
 def test_mix_mixes_inputs_and_targets_identically():
     torch.manual_seed(1)
     p = torch.softmax(torch.randn(32, 4), 1)
     x = p[:, :, None, None].expand(32, 4, 5, 5).clone()  # each image carries its own target in its pixels
-    mx, mp = tm.mix(x, p, 0.75)
+    mx, mp, _, _ = tm.mix(x, p, 0.75)
     assert not torch.allclose(mp, p)
     assert torch.allclose(mx, mp[:, :, None, None].expand_as(mx), atol=1e-6)  # same partners, same lambdas
 
@@ -76,9 +78,10 @@ def test_guess_labels_averages_softmax_over_the_k_views():
     net = nn.Linear(6, 3)
     views = [torch.randn(10, 6) for _ in range(2)]
     mean = (net(views[0]).softmax(1) + net(views[1]).softmax(1)) / 2
-    assert torch.allclose(tm.guess_labels(net, views, T=1.0), mean, atol=1e-6)
-    assert torch.allclose(tm.guess_labels(net, views, T=0.5), tm.sharpen(mean, 0.5), atol=1e-6)
-    assert not tm.guess_labels(net, views, T=0.5).requires_grad
+    guess, sharpened = tm.guess_labels(net, views, T=0.5)
+    assert torch.allclose(guess, mean, atol=1e-6) and torch.allclose(sharpened, tm.sharpen(mean, 0.5), atol=1e-6)
+    assert torch.allclose(tm.guess_labels(net, views, T=1.0)[1], mean, atol=1e-6)
+    assert not guess.requires_grad and not sharpened.requires_grad
 
 
 def test_guess_pass_leaves_batchnorm_running_stats_alone():
@@ -243,6 +246,37 @@ def test_wrn_offline_gives_one_clear_line(monkeypatch):
         model.WideResNet50(pretrained=True)
 
 
+def test_imbalance_warning_names_balanced_accuracy():
+    c = lambda select: tm.SimpleNamespace(select=select)
+    y = torch.tensor([0] * 12 + [1] * 2)
+    assert tm.imbalance_warning(c("accuracy"), y, ["no mask", "mask"]) == (
+        "warning: the train classes run 1:6 (no mask 12, mask 2); select=accuracy would favour the majority class: "
+        "consider --select=balanced_accuracy")
+    assert tm.imbalance_warning(c("accuracy"), torch.tensor([0] * 10 + [1] * 2), ["a", "b"]) == ""  # 1:5: not beyond
+    assert tm.imbalance_warning(c("balanced_accuracy"), y, ["no mask", "mask"]) == ""
+
+
+def test_imbalance_warning_is_printed_once_before_any_work(tiny_data, tmp_path, monkeypatch, capsys):
+    labels, _ = data.load_labels(tiny_data, "train")
+    counts = torch.bincount(labels)
+    monkeypatch.setattr(tm, "IMBALANCE", 0.99 * counts.max().item() / counts.min().item())  # tiny_data: "imbalanced"
+    run(tiny_data, tmp_path, f"--show={tmp_path / 'a.png'}")  # the cheapest path through the data checks
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].endswith("consider --select=balanced_accuracy")
+    run(tiny_data, tmp_path, f"--show={tmp_path / 'a.png'}", "--select=balanced_accuracy")
+    assert "warning: " not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--show=a.png", "--mode=supervised"], "error: --mode=supervised: --show draws a MixMatch step: needs "
+                                            "mode=mixmatch"),
+    (["--show=a.png", "--mixup=false"], "error: --mixup=False: --show draws MixMatch's mixup: needs mixup=true"),
+    (["--show_ckpt=x.safetensors"], "error: --show_ckpt=x.safetensors: the model of --show=PATH.png: pass --show too"),
+])
+def test_show_config_errors(args, message):
+    assert error_line(tm.main, args) == message
+
+
 # ----------------------------------------------------------------------------- tiny runs
 
 @pytest.fixture(scope="module")
@@ -289,6 +323,62 @@ def test_non_finite_loss_stops_with_one_line(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "l2_loss", lambda *a: torch.tensor(float("nan")))
     assert error_line(tm.main, [*SMALL, f"--data={tiny_data}", f"--out_dir={tmp_path}"]) == \
         f"error: non-finite loss at step 1; {tmp_path}/last.safetensors holds the last saved state"
+
+
+def spy(monkeypatch, name, calls):
+    """Wrap tm.<name> so that every call appends (args, result) to calls."""
+    real = getattr(tm, name)
+
+    def wrapper(*args):
+        calls.append((args, real(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(tm, name, wrapper)
+
+
+def test_show_draws_the_first_training_step(tiny_data, tmp_path, monkeypatch):
+    """--show draws with the functions the training step calls, on the same seeded streams: its batch, views,
+    guesses, partners and lambda' are step 1's, bit for bit, and the picture gets exactly what mixmatch_rows returned.
+    The lambda' histograms come from mixup_lambdas too, the function mix calls."""
+    rows, lambdas, drawn = [], [], []
+    spy(monkeypatch, "mixmatch_rows", rows)
+    spy(monkeypatch, "mixup_lambdas", lambdas)
+    spy(monkeypatch, "plot_step", drawn)
+    run(tiny_data, tmp_path / "train", "--stop_after=1")  # training's step 1
+    assert len(rows) == 1 and not drawn
+    picture = tmp_path / "pictures" / "step.png"
+    run(tiny_data, tmp_path / "unused", f"--show={picture}")
+    assert len(rows) == 2 and len(drawn) == 1
+    (train_args, train_rows), (show_args, show_rows) = rows
+    for a, b in zip(train_args[2:], show_args[2:]):  # xl, pl and the K views
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) if isinstance(a, list) else torch.equal(a, b)
+    for key in ("guess", "q", "x", "p", "lam", "perm"):
+        assert torch.equal(getattr(train_rows, key), getattr(show_rows, key)), key
+    assert drawn[0][0][-1] is show_rows and drawn[0][0][4] is show_args[2]  # the picture draws what the step used
+    n_rows = 16 * 3  # batch_size x (1 + K)
+    assert [(n, alpha) for (n, alpha, *_), _ in lambdas] == [(n_rows, 0.75), (n_rows, 0.75), (20000, 0.75 / 4),
+                                                             (20000, 0.75), (20000, 3.0)]
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(picture.parent) == ["step.png"]
+    assert not (tmp_path / "unused").exists()  # no training, no run folder
+
+
+def test_show_ckpt_guesses_with_the_checkpoint(tiny_data, reference_run, tmp_path, monkeypatch):
+    """The checkpoint only guesses: the batch, views, partners and lambda' stay step 1's."""
+    rows = []
+    spy(monkeypatch, "mixmatch_rows", rows)
+    ckpt = reference_run / "best.safetensors"
+    run(tiny_data, tmp_path, f"--show={tmp_path / 'a.png'}")
+    run(tiny_data, tmp_path, f"--show={tmp_path / 'a.png'}", f"--show_ckpt={ckpt}")
+    (initial_args, initial), (ckpt_args, guessed) = rows
+    assert all(torch.equal(getattr(initial, k), getattr(guessed, k)) for k in ("lam", "perm"))
+    assert torch.equal(initial_args[2], ckpt_args[2]) and not torch.equal(initial.guess, guessed.guess)
+    guesser = ckpt_args[1]
+    # all but BN's batch counter, which the guess pass moves (its running statistics stay: frozen_bn_stats)
+    weights = lambda net: {k: v for k, v in net.state_dict().items() if "num_batches_tracked" not in k}
+    assert same(weights(guesser), weights(model.load_checkpoint(ckpt)[0])) and guesser.training
+    assert error_line(tm.main, [*SMALL, f"--data={tiny_data}", f"--show={tmp_path / 'b.png'}", f"--show_ckpt={ckpt}",
+                                "--img_size=40"]) == \
+        f"error: --show_ckpt={ckpt} takes 32-pixel inputs: pass --img_size=32"
 
 
 def test_table_runs_every_row_and_seed_into_out_dir(tmp_path, monkeypatch):
