@@ -262,6 +262,7 @@ def parse_args(argv):
         configurator.require(cfg, key, lambda v: v >= 1, "must be >= 1")
     if cfg["cell"]:
         cfg["cell"] = configurator.cast("cell", cfg["cell"], (0, 0))
+    run.check_writable(cfg["out_dir"], what="the attention maps")  # before the model is loaded
     cfg["device"] = run.pick_device(cfg["device"])
     return SimpleNamespace(**cfg)
 

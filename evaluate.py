@@ -377,6 +377,8 @@ def push_to_hub(repo_id, ckpt, out_dir, config):
 @configurator.cli
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for folder, what in check_outputs(args):  # before loading or predicting anything
+        run.check_writable(folder, what=what)
     net, ck_meta, _ = model.load_checkpoint(args.ckpt)
     device = run.pick_device(args.device)
     net.to(device)
@@ -385,6 +387,15 @@ def main(argv=None):
         predict_images(args, runner, net.config_dict()["img_size"], ck_meta, device)
     else:
         score_split(args, net, runner, ck_meta, device)
+
+
+def check_outputs(args):
+    """[(folder, what)] this command will write to: each checked before the work (run.check_writable)."""
+    if args.images:
+        out = args.out_dir or "predictions.csv"
+        return [(os.path.dirname(out) or "." if out.endswith(".csv") else out, "the predictions")]
+    return ([(args.out_dir, "the report")] if args.out_dir else []) + \
+        ([(os.path.dirname(os.path.abspath(args.submit)), "the submission")] if args.submit else [])
 
 
 def predict_images(args, runner, img_size, ck_meta, device):

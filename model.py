@@ -462,7 +462,12 @@ def save_checkpoint(path, model, meta: dict | None = None, state: dict | None = 
     metadata |= {k: json.dumps(v) for k, v in meta.items()}
     if state is not None:
         metadata["state"] = json.dumps(_flatten(state, "state", tensors))
-    run.write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # its I/O errors (a full disk) come as this: write_atomic takes OSErrors
+            raise OSError(str(e).split("Os {")[0].strip(" :(") or "the serializer failed") from None
+    run.write_atomic(path, write)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -1,6 +1,7 @@
 """One training run's plumbing, shared by the scripts: its files, its folder, its signals, its ranks.
 
     write_atomic(path, write)           every file a script writes: temp name, then rename (never half a file)
+    check_writable(folder, need, what)  before the work: the folder takes files and has room for them
     with run_dir(out_dir, resume, force, master): ...   one run per folder, its lock, a clean stop on Ctrl-C
     device = pick_device("auto")        cuda under torchrun's LOCAL_RANK if there is one, else the CPU
     with ddp(device_name): ...          torchrun's process group (NCCL on CUDA, gloo on the CPU), torn down after
@@ -16,6 +17,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -35,9 +37,35 @@ def write_atomic(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line naming the file and the cause
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+
+
+def check_writable(folder, need=0, what="the output"):
+    """UserError unless `folder` can take new files (it, or the nearest folder above it that exists, since the work
+    makes the rest) with `need` bytes free: checked before the work and leaving nothing behind, so a read-only
+    folder, a path through a file or a full disk is one line naming the folder, not a traceback after the work."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file")
+        if existing == os.path.abspath(folder):  # the folder itself: a real write, which also catches a full disk
+            probe = os.path.join(existing, f".write-check.{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{existing} is not writable")
+        free = shutil.disk_usage(existing).free
+    except OSError as e:
+        raise UserError(f"cannot write {what} to {folder}: {e.strerror or e}") from None
+    if free < need:
+        raise UserError(f"{folder} has {free / 2**20:.1f} MiB free, and {what} needs about {need / 2**20:.1f} MiB")
 
 
 def write_text(path, text):
@@ -78,13 +106,15 @@ def run_dir(path, resume=False, force=False, master=True):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             owner = Path(lock).read_text().strip()
-            if owner.isdigit() and alive(int(owner)):
-                raise UserError(f"another run (pid {owner}) is writing to {path}; wait for it or choose another "
-                                "--out_dir") from None
-            print(f"taking over {lock}: its run (pid {owner or '?'}) is gone")
+            why = lock_owner(int(owner), lock) if owner.isdigit() else "is not a pid"
+            if why is None:
+                raise UserError(f"another run (pid {owner}) is writing to {path}; wait for it, or choose another "
+                                f"--out_dir; if no run is writing there, delete {lock}") from None
+            print(f"taking over {lock}: its pid {owner or '?'} {why}")
             fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
+        _HELD.add(os.path.abspath(lock))
     STOP.clear()
     previous = {s: signal.signal(s, lambda *_: STOP.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -94,6 +124,7 @@ def run_dir(path, resume=False, force=False, master=True):
             signal.signal(s, handler)
         if master and os.path.exists(lock):
             os.remove(lock)
+        _HELD.discard(os.path.abspath(lock))
 
 
 def stop_requested(world=1, device="cpu"):
@@ -103,6 +134,26 @@ def stop_requested(world=1, device="cpu"):
     flag = torch.tensor([float(STOP.is_set())], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+_HELD = set()  # the lock files this process holds: its own pid in any other lock was left by a killed process
+SCRIPTS = ("train_vit.py", "train_mixmatch.py", "robust.py", "gpu_check.py")  # what writes a run folder
+
+
+def lock_owner(pid, lock):
+    """None when `pid`, found in `lock`, is a live run of this repo (the lock holds), else why it is stale: gone, a
+    process that is no run of ours (pids are reused), or this very process's own pid in a lock it never took (a
+    container restarted after a kill -9 reuses small pids). Without /proc a live pid is trusted."""
+    if pid == os.getpid():
+        return None if os.path.abspath(lock) in _HELD else "is this process's own, left by a killed run"
+    if not alive(pid):
+        return "is gone"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            args = fh.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return None if any(os.path.basename(a) in SCRIPTS for a in args) else "is no run of this repo"
 
 
 def alive(pid):

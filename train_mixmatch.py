@@ -335,6 +335,20 @@ def imbalance_warning(c, train_y, classes):
             "class: consider --select=balanced_accuracy")
 
 
+def saved(last_path, history):
+    """What a run that ends now leaves to resume from, for its last message."""
+    return f"{last_path} holds step {history[-1]['step']}" if history else "no checkpoint was written yet"
+
+
+@contextmanager
+def kept_on_failure(last_path, history):
+    """A checkpoint write that fails (a full disk) ends the run with the write's one line plus what is left."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{e}; {saved(last_path, history)}") from None
+
+
 def build_run(c, num_classes, dev, rank):
     """The seeded pieces of a run: (model, its EMA copy, optimizer, batch-order generator, augmentation generator)."""
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -385,6 +399,9 @@ def train(cfg):
                                   world_size=world)
 
     net, ema, optimizer, gen_idx, gen_aug = build_run(c, num_classes, dev, rank)
+    if master:  # before any step: an earlier run, a folder that takes no files, no room for best + last checkpoints
+        run.check_out_dir(c.out_dir, c.resume, c.force)
+        run.check_writable(c.out_dir, 4 * sum(p.numel() * p.element_size() for p in net.parameters()), "the run")
     decayed = decayed_weights(net)
     autocast = torch.autocast(dev.type, torch.bfloat16) if c.amp == "bf16" else nullcontext()
     streams = batch_streams(c, lab, unlab, gen_idx, gen_aug)
@@ -425,9 +442,10 @@ def train(cfg):
                          "rng": rng, "batch_order": gen_idx.get_state(),
                          "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
                          "history": history, "losses": losses, "configs": configs}
-                model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step, "metrics": history[-1] if history
-                                                       else None}, state=state)
-                run.write_log(c.out_dir, history)
+                with kept_on_failure(last_path, history[:-1]):  # last.safetensors holds the previous evaluation's
+                    model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step,
+                                                           "metrics": history[-1] if history else None}, state=state)
+                    run.write_log(c.out_dir, history)
 
         ramp_steps, mine = c.rampup * c.steps, slice(rank * b, (rank + 1) * b)
         end = min(c.steps, c.stop_after) if c.stop_after else c.steps
@@ -436,8 +454,8 @@ def train(cfg):
         for step in bar:
             if run.stop_requested(world, dev):
                 bar.close()
-                kept = f"{last_path} holds step {history[-1]['step']}" if history else "nothing was saved yet"
-                raise run.Stopped(f"stopped by a signal at step {step}: {kept}; continue with --resume=true")
+                raise run.Stopped(f"stopped by a signal at step {step}: {saved(last_path, history)}; continue with "
+                                  "--resume=true")
             net.train()
             with autocast:
                 xl, pl, views = draw_rows(c, train_x, train_y, num_classes, streams, mine)
@@ -454,7 +472,7 @@ def train(cfg):
                 pair /= world
             lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
             if not (math.isfinite(lx) and math.isfinite(lu)):
-                raise UserError(f"non-finite loss at step {step}; {last_path} holds the last saved state")
+                raise UserError(f"non-finite loss at step {step}: {saved(last_path, history)}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients: the global batch's mean loss
             optimizer.step()
@@ -480,7 +498,8 @@ def train(cfg):
                     tqdm.write(f"step {step}: val acc {record['accuracy']:.4f} (raw {record['raw']['accuracy']:.4f})"
                                f" f1 {record['f1']:.4f}{fair}{' *' if improved else ''}")
                     if improved:
-                        model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": val_metrics})
+                        with kept_on_failure(last_path, history[:-1]):
+                            model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": val_metrics})
                     plot(history, os.path.join(c.out_dir, "curves.png"))
             if evaluating or step == end:
                 save_last(step)
@@ -671,6 +690,7 @@ def parse_config(argv):
     # every check that needs no data runs now, before anything is loaded
     data.augment_settings(cfg["augment"], cfg["augment_kw"])
     need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
+    need("out_dir", lambda v: bool(v.strip()), "the run's folder, e.g. runs/x (empty is no folder)")
     for key in ("lr", "T", "alpha"):
         need(key, lambda v: v > 0, "must be > 0")
     for key in ("batch_size", "eval_batch_size", "steps", "eval_every", "K", "img_size", "small_width",

@@ -324,7 +324,7 @@ def plot_curves(history, path):
 # -----------------------------------------------------------------------------
 # the training run
 
-def check_data(c, meta, groups, n_train, world):
+def check_data(c, meta, labels, groups, n_train, world):
     """Every check of the data against the config, before any work. -> (whether val has two or more groups: then
     per-group metrics and select=fair / worst_group work; the number of groups G, of cells y * G + g)."""
     _, val_groups = data.load_labels(c.data_dir, "val")
@@ -346,6 +346,13 @@ def check_data(c, meta, groups, n_train, world):
         raise UserError(f"{by_cell[-1]} needs a data set with two or more groups")
     if c.group_weights and c.group_weights != "inverse":  # C x G numbers, once G is known
         configurator.cast("group_weights", c.group_weights, (1.0,) * (len(meta["classes"]) * n_groups))
+    if c.train_groups:  # a subset of the groups must still hold two classes
+        kept = labels[in_train_groups(c, groups)]
+        left = {meta["classes"][y] if 0 <= y < len(meta["classes"]) else str(y): int((kept == y).sum())
+                for y in kept.unique().tolist()}
+        if len(left) < 2:
+            raise UserError(f"--train_groups={c.train_groups} leaves one class in the train split ("
+                            f"{', '.join(f'{k}: {n}' for k, n in left.items())}): a classifier needs two")
     if n_train // world < c.batch_size // world:
         raise UserError(f"--batch_size={c.batch_size} is larger than the {n_train} training samples; lower it")
     return fair, n_groups
@@ -361,8 +368,9 @@ def check_run(cfg, world=1):
     labels, groups = data.load_labels(c.data_dir, "train")
     upsample = read_upsample(c.upsample, len(labels)) if c.upsample else None
     indices = train_indices(c, labels, groups, 0, upsample)
-    fair, n_groups = check_data(c, meta, groups, len(labels) if indices is None else len(indices), world)
+    fair, n_groups = check_data(c, meta, labels, groups, len(labels) if indices is None else len(indices), world)
     run.check_out_dir(c.out_dir, c.resume, c.force)
+    run.check_writable(c.out_dir, what="the run")
     return meta, labels, groups, upsample, indices, fair, n_groups
 
 
@@ -395,6 +403,8 @@ def train(cfg):
 
         optimizer = build_optimizer(c, net, cuda)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if master:  # room for best.safetensors and last.safetensors (weights + the optimizer's two moments)
+            run.check_writable(c.out_dir, 4 * sum(p.numel() * p.element_size() for p in params), "its checkpoints")
 
         iters = len(train_loader)
         total = iters * c.epochs
@@ -434,8 +444,8 @@ def train(cfg):
             for i, (x, y, g) in enumerate(bar):
                 if run.stop_requested(world, device):
                     bar.close()
-                    kept = f"{last_path} holds epoch {epoch}" if epoch else "no epoch had finished"
-                    raise run.Stopped(f"stopped by a signal in epoch {epoch + 1}: {kept}; continue with --resume=true")
+                    raise run.Stopped(f"stopped by a signal in epoch {epoch + 1}: {saved(last_path, epoch)}; continue "
+                                      "with --resume=true")
                 lr_now = lr_at(c, epoch * iters + i, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now
@@ -451,7 +461,7 @@ def train(cfg):
                 loss_val = loss.item()
                 if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
                     raise UserError(f"non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration "
-                                    f"{i}; stopped before the update, {last_path} keeps the last good epoch")
+                                    f"{i}; stopped before the update: {saved(last_path, epoch)}")
                 optimizer.step()
                 loss_sum, n_seen = loss_sum + loss_val, n_seen + len(y)
                 gnorms.append(gnorm)
@@ -479,8 +489,16 @@ def train(cfg):
                          "history": history, "configs": configs, **objective.state_dict()}
                 ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta), "epoch": epoch + 1,
                              "metrics": val_metrics}
-                save_epoch(c, net, ckpt_meta, state, improved)
+                try:
+                    save_epoch(c, net, ckpt_meta, state, improved)
+                except UserError as e:  # a full disk: the files written before are whole (write_atomic)
+                    raise UserError(f"{e}; {saved(last_path, epoch)}") from None
         return max(history, key=lambda h: metrics.selection_score(h, c.select)) if history else None
+
+
+def saved(last_path, epochs_done):
+    """What a run that ends now leaves to resume from, for its last message."""
+    return f"{last_path} holds epoch {epochs_done}" if epochs_done else "no checkpoint was written yet"
 
 
 def save_epoch(c, net, ckpt_meta, state, improved):
@@ -550,6 +568,7 @@ def parse_config(argv, defaults=DEFAULTS, file=__file__, presets=PRESETS, choice
     if cfg["group_weights"] not in ("", "inverse"):  # numbers here; their count (C x G) once the data is read
         configurator.cast("group_weights", cfg["group_weights"], (1.0,) * len(cfg["group_weights"].split(",")))
     need = lambda key, ok, allowed: configurator.require(cfg, key, ok, allowed)
+    need("out_dir", lambda v: bool(v.strip()), "the run's folder, e.g. runs/x (empty is no folder)")
     need("lr", lambda v: v > 0, "the learning rate must be > 0")
     for key in ("batch_size", "eval_batch_size", "epochs", "img_size"):
         need(key, lambda v: v >= 1, "must be >= 1")

@@ -75,10 +75,16 @@ def test_out_dir_with_an_earlier_run_is_refused_and_locked(tiny_data, tmp_path, 
     assert message.startswith(f"error: {tmp_path} holds an earlier run (last.safetensors, best.safetensors, "
                               "log.jsonl): pass --resume=true")
     assert (tmp_path / "log.jsonl").read_text() == log  # untouched
-    # a second run while the first holds the lock (this process's pid: alive)
-    (tmp_path / ".lock").write_text(str(os.getpid()))
-    assert error_line(train_vit.main, [*args, "--force"]).startswith(
-        f"error: another run (pid {os.getpid()}) is writing to {tmp_path}")
+    # a second run while another run of this repo holds the lock (a live process whose command names train_vit.py)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_vit.py"])
+    try:
+        (tmp_path / ".lock").write_text(str(other.pid))
+        assert error_line(train_vit.main, [*args, "--force"]) == (
+            f"error: another run (pid {other.pid}) is writing to {tmp_path}; wait for it, or choose another "
+            f"--out_dir; if no run is writing there, delete {tmp_path / '.lock'}")
+    finally:
+        other.kill()
+        other.wait()
     # a lock whose process is gone is taken over, with a message; --force replaces the run
     (tmp_path / ".lock").write_text("999999999")
     train_vit.main([*args, "--force"])

@@ -26,7 +26,7 @@ def test_write_atomic_leaves_no_partial_file(tmp_path):
         open(tmp, "w").write("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(run.UserError, match=f"cannot write {path}: disk full"):  # one line naming the file
         run.write_atomic(path, fail)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
 

@@ -182,7 +182,11 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypa
     monkeypatch.setattr(train_vit.Objective, "__call__", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--resume=True"])
     assert message.startswith("error: non-finite loss") and "epoch 2" in message
+    assert message.endswith(f"stopped before the update: {tmp_path / 'last.safetensors'} holds epoch 1")
     assert (tmp_path / "last.safetensors").read_bytes() == good
+    # in the first epoch nothing is saved yet, and the message says so (issue 23, class 3: it claimed a good epoch)
+    message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'fresh'}"])
+    assert message.endswith("stopped before the update: no checkpoint was written yet")
 
 
 def test_signal_stops_between_steps_and_resume_finishes_the_run(tiny_data, reference_run, tmp_path, monkeypatch):
