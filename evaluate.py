@@ -498,6 +498,7 @@ def score_split(args, net, runner, ck_meta, device):
         print_table(report)
     if args.submit:
         decided = metrics.decide(scores, groups, thresholds) if args.submit_thresholds else metrics.decide(scores)
+        os.makedirs(os.path.dirname(os.path.abspath(args.submit)), exist_ok=True)  # into a new folder too
         run.write_text(args.submit, "".join("1\n" if c == 1 else "-1\n" for c in decided.tolist()))
         print(f"wrote {len(scores)} predictions to {args.submit}"
               + (" (per-group thresholds)" if args.submit_thresholds else ""))

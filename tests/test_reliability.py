@@ -199,3 +199,11 @@ def test_class5_a_lock_whose_pid_is_no_run_of_ours_is_taken_over(tmp_path, capsy
         if other:
             other.kill()
             other.wait()
+
+
+def test_class1_a_submission_into_a_missing_folder_is_written(tiny_data, tmp_path):
+    ckpt = str(tmp_path / "tiny.safetensors")
+    model.save_checkpoint(ckpt, model.ViT(model.ViTConfig(img_size=32, dim=32, depth=1, heads=2, num_classes=2)))
+    sub = tmp_path / "new" / "folder" / "submission.txt"  # was a FileNotFoundError traceback
+    evaluate.main(["--ckpt", ckpt, "--data", tiny_data, f"--submit={sub}", "--n_boot=0"])
+    assert len(sub.read_text().splitlines()) == data.read_meta(tiny_data)["splits"]["test"]["n"]
