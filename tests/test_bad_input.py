@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -78,6 +79,11 @@ def test_out_dir_with_an_earlier_run_is_refused_and_locked(tiny_data, tmp_path, 
     # a second run while another run of this repo holds the lock (a live process whose command names train_vit.py)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train_vit.py"])
     try:
+        cmdline = lambda: open(f"/proc/{other.pid}/cmdline", "rb").read()
+        for _ in range(200):  # until the child has exec'd: before that, its command line is this process's
+            if b"train_vit.py" in cmdline():
+                break
+            time.sleep(0.05)
         (tmp_path / ".lock").write_text(str(other.pid))
         assert error_line(train_vit.main, [*args, "--force"]) == (
             f"error: another run (pid {other.pid}) is writing to {tmp_path}; wait for it, or choose another "

@@ -389,7 +389,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(model, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(model.UserError, match=f"cannot write {path}: disk full"):  # one line naming the file
         save_checkpoint(path, net, meta={"epoch": 2})
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]  # no .tmp left behind
     assert load_checkpoint(path)[1] == {"epoch": 1}  # the old checkpoint is intact
