@@ -336,8 +336,13 @@ def imbalance_warning(c, train_y, classes):
 
 
 def saved(last_path, history):
-    """What a run that ends now leaves to resume from, for its last message."""
-    return f"{last_path} holds step {history[-1]['step']}" if history else "no checkpoint was written yet"
+    """What a run that ends now leaves behind, for its last message: last.safetensors to resume from, or else a
+    best.safetensors written just before (a disk that filled up between the two writes), or nothing."""
+    best = os.path.join(os.path.dirname(last_path), "best.safetensors")
+    if history:
+        return f"{last_path} holds step {history[-1]['step']}"
+    return f"{best} holds the first evaluation's weights, with no state to resume from" if os.path.exists(best) \
+        else "no checkpoint was written yet"
 
 
 @contextmanager

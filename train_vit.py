@@ -497,8 +497,13 @@ def train(cfg):
 
 
 def saved(last_path, epochs_done):
-    """What a run that ends now leaves to resume from, for its last message."""
-    return f"{last_path} holds epoch {epochs_done}" if epochs_done else "no checkpoint was written yet"
+    """What a run that ends now leaves behind, for its last message: last.safetensors to resume from, or else a
+    best.safetensors written just before (a disk that filled up between the two writes), or nothing."""
+    best = os.path.join(os.path.dirname(last_path), "best.safetensors")
+    if epochs_done:
+        return f"{last_path} holds epoch {epochs_done}"
+    return f"{best} holds the weights of epoch 1, with no state to resume from" if os.path.exists(best) else \
+        "no checkpoint was written yet"
 
 
 def save_epoch(c, net, ckpt_meta, state, improved):

@@ -207,3 +207,16 @@ def test_class1_a_submission_into_a_missing_folder_is_written(tiny_data, tmp_pat
     sub = tmp_path / "new" / "folder" / "submission.txt"  # was a FileNotFoundError traceback
     evaluate.main(["--ckpt", ckpt, "--data", tiny_data, f"--submit={sub}", "--n_boot=0"])
     assert len(sub.read_text().splitlines()) == data.read_meta(tiny_data)["splits"]["test"]["n"]
+
+
+def test_class1_a_disk_full_between_best_and_last_names_best(tiny_data, tmp_path, monkeypatch):
+    real = model.save_file
+
+    def fills_up(tensors, path, metadata=None):  # epoch 1: best.safetensors fits, last.safetensors does not
+        if path.startswith(str(tmp_path / "run" / "last.safetensors")):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(model, "save_file", fills_up)
+    message = error_line(train_vit.main, [*VIT_TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'run'}"])
+    assert message.endswith(f"; {tmp_path / 'run' / 'best.safetensors'} holds the weights of epoch 1, with no state "
+                            "to resume from")  # was "no checkpoint was written yet", beside a best.safetensors
