@@ -104,7 +104,8 @@ def read_meta(data_dir, splits=(), verify=None):
     verify = verify or os.environ.get("DATA_VERIFY") or "once"
     if verify not in ("size", "once", "full"):
         raise configurator.UserError(f"DATA_VERIFY={verify}: once (the default), size or full")
-    hashed = _hashed_here(data_dir) if verify == "once" else {}
+    before = _hashed_here(data_dir) if verify == "once" else {}
+    hashed = dict(before)
     for split, info in meta["splits"].items():
         beton = os.path.join(data_dir, f"{split}.beton")
         if not os.path.isfile(beton):
@@ -117,10 +118,10 @@ def read_meta(data_dir, splits=(), verify=None):
         if verify == "full" or (verify == "once" and hashed.get(split) != [st.st_size, st.st_mtime_ns]):
             _verify_content(data_dir, split, meta)
             hashed[split] = [st.st_size, st.st_mtime_ns]
-    if verify == "once" and hashed != _hashed_here(data_dir):
+    if verify == "once" and hashed != before:
         try:
             run.write_text(os.path.join(data_dir, HASHED), json.dumps(hashed))
-        except OSError:  # a read-only data set: its files are hashed again by the next process
+        except configurator.UserError:  # a read-only data set (write_text's one line): hashed again next time
             pass
     for split in splits:
         _open_beton(data_dir, split, meta)

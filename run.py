@@ -44,6 +44,16 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def saved(out_dir, unit, n):
+    """What a run that stops now leaves behind, for its last message: last.safetensors holding `unit` n ("epoch",
+    3), else (n = 0) a best.safetensors written just before (a disk that filled between the two) or nothing."""
+    if n:
+        return f"{os.path.join(out_dir, 'last.safetensors')} holds {unit} {n}"
+    best = os.path.join(out_dir, "best.safetensors")
+    return f"{best} holds the first weights, with no state to resume from" if os.path.exists(best) else \
+        "no checkpoint was written yet"
+
+
 def check_writable(folder, need=0, what="the output"):
     """UserError unless `folder` can take new files (it, or the nearest folder above it that exists, since the work
     makes the rest) with `need` bytes free: checked before the work and leaving nothing behind, so a read-only

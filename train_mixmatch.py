@@ -335,23 +335,18 @@ def imbalance_warning(c, train_y, classes):
             "class: consider --select=balanced_accuracy")
 
 
-def saved(last_path, history):
-    """What a run that ends now leaves behind, for its last message: last.safetensors to resume from, or else a
-    best.safetensors written just before (a disk that filled up between the two writes), or nothing."""
-    best = os.path.join(os.path.dirname(last_path), "best.safetensors")
-    if history:
-        return f"{last_path} holds step {history[-1]['step']}"
-    return f"{best} holds the first evaluation's weights, with no state to resume from" if os.path.exists(best) \
-        else "no checkpoint was written yet"
+def last_step(history):
+    """The step last.safetensors holds (each evaluation's record is saved with it); 0 before the first."""
+    return history[-1]["step"] if history else 0
 
 
 @contextmanager
-def kept_on_failure(last_path, history):
+def kept_on_failure(out_dir, history):
     """A checkpoint write that fails (a full disk) ends the run with the write's one line plus what is left."""
     try:
         yield
     except UserError as e:
-        raise UserError(f"{e}; {saved(last_path, history)}") from None
+        raise UserError(f"{e}; {run.saved(out_dir, 'step', last_step(history))}") from None
 
 
 def build_run(c, num_classes, dev, rank):
@@ -447,7 +442,7 @@ def train(cfg):
                          "rng": rng, "batch_order": gen_idx.get_state(),
                          "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
                          "history": history, "losses": losses, "configs": configs}
-                with kept_on_failure(last_path, history[:-1]):  # last.safetensors holds the previous evaluation's
+                with kept_on_failure(c.out_dir, history[:-1]):  # last.safetensors holds the previous evaluation's
                     model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step,
                                                            "metrics": history[-1] if history else None}, state=state)
                     run.write_log(c.out_dir, history)
@@ -459,8 +454,8 @@ def train(cfg):
         for step in bar:
             if run.stop_requested(world, dev):
                 bar.close()
-                raise run.Stopped(f"stopped by a signal at step {step}: {saved(last_path, history)}; continue with "
-                                  "--resume=true")
+                raise run.Stopped(f"stopped by a signal at step {step}: "
+                                  f"{run.saved(c.out_dir, 'step', last_step(history))}; continue with --resume=true")
             net.train()
             with autocast:
                 xl, pl, views = draw_rows(c, train_x, train_y, num_classes, streams, mine)
@@ -477,7 +472,7 @@ def train(cfg):
                 pair /= world
             lx, lu = pair.tolist()  # one host sync per step for both; the global batch's means, the same on every rank
             if not (math.isfinite(lx) and math.isfinite(lu)):
-                raise UserError(f"non-finite loss at step {step}: {saved(last_path, history)}")
+                raise UserError(f"non-finite loss at step {step}: {run.saved(c.out_dir, 'step', last_step(history))}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients: the global batch's mean loss
             optimizer.step()
@@ -503,7 +498,7 @@ def train(cfg):
                     tqdm.write(f"step {step}: val acc {record['accuracy']:.4f} (raw {record['raw']['accuracy']:.4f})"
                                f" f1 {record['f1']:.4f}{fair}{' *' if improved else ''}")
                     if improved:
-                        with kept_on_failure(last_path, history[:-1]):
+                        with kept_on_failure(c.out_dir, history[:-1]):
                             model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": val_metrics})
                     plot(history, os.path.join(c.out_dir, "curves.png"))
             if evaluating or step == end:

@@ -444,8 +444,8 @@ def train(cfg):
             for i, (x, y, g) in enumerate(bar):
                 if run.stop_requested(world, device):
                     bar.close()
-                    raise run.Stopped(f"stopped by a signal in epoch {epoch + 1}: {saved(last_path, epoch)}; continue "
-                                      "with --resume=true")
+                    raise run.Stopped(f"stopped by a signal in epoch {epoch + 1}: "
+                                      f"{run.saved(c.out_dir, 'epoch', epoch)}; continue with --resume=true")
                 lr_now = lr_at(c, epoch * iters + i, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now
@@ -461,7 +461,7 @@ def train(cfg):
                 loss_val = loss.item()
                 if not (math.isfinite(loss_val) and math.isfinite(gnorm)):  # gnorm is the same on every rank
                     raise UserError(f"non-finite loss {loss_val} / grad norm {gnorm} at epoch {epoch + 1} iteration "
-                                    f"{i}; stopped before the update: {saved(last_path, epoch)}")
+                                    f"{i}; stopped before the update: {run.saved(c.out_dir, 'epoch', epoch)}")
                 optimizer.step()
                 loss_sum, n_seen = loss_sum + loss_val, n_seen + len(y)
                 gnorms.append(gnorm)
@@ -492,18 +492,8 @@ def train(cfg):
                 try:
                     save_epoch(c, net, ckpt_meta, state, improved)
                 except UserError as e:  # a full disk: the files written before are whole (write_atomic)
-                    raise UserError(f"{e}; {saved(last_path, epoch)}") from None
+                    raise UserError(f"{e}; {run.saved(c.out_dir, 'epoch', epoch)}") from None
         return max(history, key=lambda h: metrics.selection_score(h, c.select)) if history else None
-
-
-def saved(last_path, epochs_done):
-    """What a run that ends now leaves behind, for its last message: last.safetensors to resume from, or else a
-    best.safetensors written just before (a disk that filled up between the two writes), or nothing."""
-    best = os.path.join(os.path.dirname(last_path), "best.safetensors")
-    if epochs_done:
-        return f"{last_path} holds epoch {epochs_done}"
-    return f"{best} holds the weights of epoch 1, with no state to resume from" if os.path.exists(best) else \
-        "no checkpoint was written yet"
 
 
 def save_epoch(c, net, ckpt_meta, state, improved):

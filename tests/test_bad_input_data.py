@@ -494,6 +494,12 @@ def test_default_check_hashes_a_file_once_per_size_and_mtime(built, tmp_path, mo
     data.read_meta(out)
     assert hashed == ["val"]  # touched: hashed again
 
+    def read_only(path, text):
+        raise data.configurator.UserError(f"cannot write {path}: Read-only file system")
+    monkeypatch.setattr(data.run, "write_text", read_only)
+    os.utime(os.path.join(out, "val.beton"), ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert data.read_meta(out)["splits"]  # a data set on a read-only disk still reads: the record is a cache
+
 
 def test_reading_what_is_not_a_data_set(built, tmp_path):
     assert "does not exist" in fails(["show", str(tmp_path / "nothing")])

@@ -218,5 +218,5 @@ def test_class1_a_disk_full_between_best_and_last_names_best(tiny_data, tmp_path
         real(tensors, path, metadata=metadata)
     monkeypatch.setattr(model, "save_file", fills_up)
     message = error_line(train_vit.main, [*VIT_TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'run'}"])
-    assert message.endswith(f"; {tmp_path / 'run' / 'best.safetensors'} holds the weights of epoch 1, with no state "
-                            "to resume from")  # was "no checkpoint was written yet", beside a best.safetensors
+    assert message.endswith(f"; {tmp_path / 'run' / 'best.safetensors'} holds the first weights, with no state to "
+                            "resume from")  # was "no checkpoint was written yet", beside a best.safetensors
