@@ -93,6 +93,7 @@ FOLDER = dict(
     **OUTPUT,
     root="",
     groups="",  # CSV with a header path,group (paths relative to root); empty: no groups
+    group_names="",  # the groups' names in id order, e.g. "adult,child"; empty: women/female/f = 0, men/male/m = 1
     classes="",  # the class folders to read, in label order, e.g. "no mask,mask" (empty: every folder, sorted)
     split_by="image",  # image|identity: identity keeps each person (the folder under a class folder) in one split
     **SPLIT,
@@ -127,7 +128,8 @@ CSV = dict(
     root="",
     path_column="path",  # the column of image paths
     label_column="label",  # the column of labels: its distinct values, sorted, are the classes; blank: row skipped
-    group_column="",  # optional column of groups: women/female/f = 0, men/male/m = 1, others after; blank: unknown
+    group_column="",  # optional column of groups: women/female/f = 0, men/male/m = 1, others need --group_names
+    group_names="",  # the group column's names in id order, e.g. "adult,child"; blank cells: unknown
     attribute_columns="",  # optional columns kept as categorical attributes, e.g. age,skin (for --group_by later)
     split_column="",  # optional column of train/val/test per row; empty: a seeded --split stratified by label x group
     **SPLIT,
@@ -163,15 +165,36 @@ def _labels_and_groups(attrs, names, values, cfg):
 GENDER_NAMES = (("women", "woman", "female", "f"), ("men", "man", "male", "m"))
 
 
-def group_ids(names):
-    """Group names, one per image, as a file spells them -> (ids int64, group names by id). Gender-like names keep
-    our convention: women/woman/female/f (any case) come first (0), men/man/male/m next (1 when both are there),
-    every other name after them, sorted; a blank name is unknown (-1)."""
+def group_ids(names, order="", where="the groups"):
+    """Group names, one per image, as a file spells them -> (ids int64, group names by id); a blank name is unknown
+    (-1). With `order` (--group_names=a,b,c) each name's id is its place in that list, and a name not in it is
+    refused. Without, only gender names have a fixed id: women/woman/female/f (any case) = 0, men/man/male/m = 1,
+    and a file with any other name is refused, because sorting would give its ids an arbitrary meaning."""
     names = [nm.strip() for nm in names]
-    rank = lambda nm: (next((k for k, spell in enumerate(GENDER_NAMES) if nm.lower() in spell), 2), nm)
-    order = sorted({nm for nm in names if nm}, key=rank)
-    index = {nm: i for i, nm in enumerate(order)}
-    return np.array([index.get(nm, -1) for nm in names], np.int64), order
+    found = sorted({nm for nm in names if nm})
+    few = lambda stray: ", ".join(map(repr, stray[:6])) + (", ..." if len(stray) > 6 else "")
+    if not found and not order:
+        return np.full(len(names), -1, np.int64), []
+    if order:
+        order = [nm.strip() for nm in order.split(",")]
+        if "" in order or len(set(order)) < len(order):
+            raise DataError(f"--group_names={','.join(order)}: a blank name or a name given twice")
+        index = {nm: i for i, nm in enumerate(order)}
+        stray = [nm for nm in found if nm not in index]
+        if stray:
+            raise DataError(f"{where}: group names not in --group_names: {few(stray)}")
+    else:
+        gender = {nm: next((k for k, spell in enumerate(GENDER_NAMES) if nm.lower() in spell), None) for nm in found}
+        stray = [nm for nm, k in gender.items() if k is None]
+        if stray:
+            raise DataError(f"{where}: cannot place the group names {few(stray)}: only women/female/f (0) and "
+                            "men/male/m (1) have a fixed id; give each name its id with "
+                            f"--group_names={','.join(found[:6])} (id order)")
+        index = gender
+        # a file's own spelling names its group when it spells it one way; else (or when absent) ours
+        order = [spells[0] if len(spells := [nm for nm in found if gender[nm] == k]) == 1 else canon[0]
+                 for k, canon in enumerate(GENDER_NAMES)]
+    return np.array([index.get(nm, -1) for nm in names], np.int64), list(order)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,7 +414,8 @@ def folder_source(cfg, scratch=None):
     The classes are the folders, sorted, or those --classes names, in its order (class 0 first); a tree that looks
     like MAFA's root or like a folder per person (more than 10 folders, or names like 0001) is refused without it.
     Groups come from an optional CSV (`path,group`), numbered by group_ids: women/woman/female/f = 0,
-    men/man/male/m = 1, other names after them, sorted; a blank group or an image the CSV does not list is unknown.
+    men/man/male/m = 1, any other names by their place in --group_names; a blank group or an image the CSV does not
+    list is unknown.
     Splits are seeded and stratified by label x group: by image, or with --split_by=identity by person, the folder
     directly under a class folder (RMFD: AFDB_face_dataset/<person>/, AFDB_masked_face_dataset/<person>/), so that
     no person is in two splits (one name under two classes is one person); images directly in a class folder then
@@ -425,10 +449,14 @@ def folder_source(cfg, scratch=None):
     if len(classes) < 2:
         raise DataError(f"one class subfolder in {tops[0]} ({classes[0]}): a classifier needs two or more, one per "
                         "class")
+    if cfg["group_names"] and not cfg["groups"]:
+        raise DataError("--group_names names the groups of a --groups file; give one")
     table = _read_group_csv(cfg["groups"], root) if cfg["groups"] else {}
+    groups, group_names = group_ids([table.get(os.path.normpath(f), "") for f in files], cfg["group_names"],
+                                    cfg["groups"])  # before decoding: a file of names we cannot place fails at once
     images, kept = decode_images([os.path.join(root, f) for f in files], files, cfg["size"], "images", skipped=skipped,
                                  where=root)
-    groups, group_names = group_ids([table.get(os.path.normpath(files[i]), "") for i in kept])
+    groups = groups[kept]
     full = dict(images=images, labels=np.array(labels, np.int64)[kept], groups=groups)
     if presplit:
         idx = [np.flatnonzero(np.array(part)[kept] == t) for t in range(3)]
@@ -640,10 +668,10 @@ def csv_source(cfg, scratch):
     """Any labelled image set listed in a CSV with a header row (--csv=FILE), one row per image; paths relative to
     --root (default: the CSV's folder). Classes are the label column's distinct values, sorted (as numbers when all
     are numbers); rows with a blank label and listed files that are not there are skipped and counted. Optional: a
-    group column (group_ids: women/woman/female/f = 0, men/man/male/m = 1, other names after them, sorted; blank =
-    unknown), attribute columns kept as categorical attributes (evaluate.py --group_by=NAME regroups by them later;
-    blank = unknown) and a split column (train, val or test per row; else a seeded --split stratified by label x
-    group)."""
+    group column (group_ids: women/woman/female/f = 0, men/man/male/m = 1, any other names by their place in
+    --group_names; blank = unknown), attribute columns kept as categorical attributes (evaluate.py --group_by=NAME
+    regroups by them later; blank = unknown) and a split column (train, val or test per row; else a seeded --split
+    stratified by label x group)."""
     path = cfg["csv"]
     if not os.path.isfile(path):
         raise DataError(f"CSV file not found: {path}")
@@ -680,7 +708,10 @@ def csv_source(cfg, scratch):
     classes = _sorted_values(c[lc] for c in cells)
     index = {v: i for i, v in enumerate(classes)}
     labels = np.array([index[c[lc]] for c in cells], np.int64)
-    groups, group_names = group_ids([c[gc] for c in cells]) if gc else (np.full(len(names), -1, np.int64), [])
+    if cfg["group_names"] and not gc:
+        raise DataError("--group_names names the values of a --group_column; give one")
+    groups, group_names = group_ids([c[gc] for c in cells] if gc else [""] * len(cells), cfg["group_names"],
+                                    f"{path} (column {gc!r})")
     values = {col: _sorted_values(c[col] for c in cells if c[col]) for col in attr_cols}
     for col, vals in values.items():
         if len(vals) >= data.UNKNOWN:

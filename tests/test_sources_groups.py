@@ -100,12 +100,30 @@ def test_bad_group_expressions_are_one_line(expr, words):
 
 
 def test_group_ids_give_gender_names_their_meaning():
-    ids, names = sources.group_ids(["Male", " female", "", "other", "Male", "  "])
-    assert names == ["female", "Male", "other"] and ids.tolist() == [1, 0, -1, 2, 1, -1]
+    ids, names = sources.group_ids(["Male", " female", "", "Male", "  "])
+    assert names == ["female", "Male"] and ids.tolist() == [1, 0, -1, 1, -1]
     ids, names = sources.group_ids(["men", "women", "men"])  # sorted, men would come first
     assert names == ["women", "men"] and ids.tolist() == [1, 0, 1]
-    ids, names = sources.group_ids(["M", "F", "x", "a"])
-    assert names == ["F", "M", "a", "x"] and ids.tolist() == [1, 0, 3, 2]
+    ids, names = sources.group_ids(["M", "m", "F"])  # two spellings of one group: ours names it
+    assert names == ["F", "men"] and ids.tolist() == [1, 1, 0]
+    ids, names = sources.group_ids(["male", "male"])  # men stay 1 without women
+    assert names == ["women", "male"] and ids.tolist() == [1, 1]
+    ids, names = sources.group_ids(["", " "])
+    assert names == [] and ids.tolist() == [-1, -1]
+
+
+def test_group_ids_place_other_names_only_by_group_names():
+    ids, names = sources.group_ids(["child", "adult", "", "senior"], order="adult, child,senior")
+    assert names == ["adult", "child", "senior"] and ids.tolist() == [1, 0, -1, 2]
+    ids, names = sources.group_ids(["men"], order="men,women")  # the list wins over our convention
+    assert names == ["men", "women"] and ids.tolist() == [0]
+    with pytest.raises(data.DataError, match=r"g.csv: cannot place the group names 'x': .*=F,M,x \(id order\)"):
+        sources.group_ids(["M", "F", "x"], where="g.csv")
+    with pytest.raises(data.DataError, match=r"g.csv: group names not in --group_names: 'senior'"):
+        sources.group_ids(["adult", "senior"], order="adult,child", where="g.csv")
+    for order in ("a,,b", "a,b,a"):
+        with pytest.raises(data.DataError, match="a blank name or a name given twice"):
+            sources.group_ids(["a"], order=order)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,21 +448,45 @@ def test_csv_importer_with_a_split_column_and_bad_files(tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_folder_groups_csv_keeps_women_first(tmp_path):
-    root = tmp_path / "tree"
-    lines = ["path,group"]
+def group_tree(tmp_path, names):
+    """Two class folders of 12 one-colour images (green = 20 x index) and a groups CSV naming row i names[i % 3]."""
+    root, lines = tmp_path / "tree", ["path,group"]
     for cls in ("mask", "no_mask"):
         (root / cls).mkdir(parents=True)
         for i in range(12):
             solid(root / cls / f"{i}.png", 10, 20 * i, fmt="PNG")
-            lines.append(f"{cls}/{i}.png,{('men', 'women', '')[i % 3]}")
+            lines.append(f"{cls}/{i}.png,{names[i % 3]}")
     (tmp_path / "groups.csv").write_text("\n".join(lines) + "\n")
-    out = str(tmp_path / "out")
-    data.main(["folder", f"--root={root}", f"--groups={tmp_path / 'groups.csv'}", "--split=0.5,0.25,0.25",
-               "--size=16", f"--out_dir={out}"])
-    meta = data.read_meta(out)
-    assert meta["groups"] == ["women", "men"]  # sorted names would make men 0
+    return ["folder", f"--root={root}", f"--groups={tmp_path / 'groups.csv'}", "--split=0.5,0.25,0.25", "--size=16"]
+
+
+def stored_groups_follow(out, ids):
+    """Every split's group of row i (its colour tells i) is ids[i % 3]."""
     for s in data.SPLITS:
         green = colours(out, s, 1)
-        assert data.load_split(out, s)[2].tolist() == [(1, 0, -1)[round(v / 20) % 3] for v in green]
+        assert data.load_split(out, s)[2].tolist() == [ids[round(v / 20) % 3] for v in green]
+
+
+def test_folder_groups_csv_keeps_women_first(tmp_path):
+    out = str(tmp_path / "out")
+    data.main([*group_tree(tmp_path, ("men", "women", "")), f"--out_dir={out}"])
+    meta = data.read_meta(out)
+    assert meta["groups"] == ["women", "men"]  # sorted names would make men 0
+    stored_groups_follow(out, (1, 0, -1))
     assert json.loads(open(os.path.join(out, "meta.json")).read())["attribute_values"] == {}
+
+
+def test_class2_group_names_we_cannot_place_are_refused_unless_group_names_places_them(tmp_path):
+    # sorted names gave `adult` 0 and `child` 1 silently, and a women/men/other file put `other` at 2 by chance
+    base, out = group_tree(tmp_path, ("child", "adult", "")), str(tmp_path / "out")
+    message = fails([*base, f"--out_dir={out}"])
+    assert message == (f"error: {tmp_path / 'groups.csv'}: cannot place the group names 'adult', 'child': only "
+                       "women/female/f (0) and men/male/m (1) have a fixed id; give each name its id with "
+                       "--group_names=adult,child (id order)")
+    assert "not in --group_names: 'adult'" in fails([*base, "--group_names=child,senior", f"--out_dir={out}"])
+    assert "--group_names names the groups of a --groups file" in fails([*base[:2], "--group_names=a",
+                                                                          f"--out_dir={out}"])
+    assert not os.path.exists(out)
+    data.main([*base, "--group_names=child,adult,senior", f"--out_dir={out}"])
+    assert data.read_meta(out)["groups"] == ["child", "adult", "senior"]
+    stored_groups_follow(out, (0, 1, -1))
