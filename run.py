@@ -45,13 +45,14 @@ def write_atomic(path, write):
 
 
 def saved(out_dir, unit, n):
-    """What a run that stops now leaves behind, for its last message: last.safetensors holding `unit` n ("epoch",
-    3), else (n = 0) a best.safetensors written just before (a disk that filled between the two) or nothing."""
+    """What a run that stops now leaves behind, for its last message: its last good checkpoint, last.safetensors
+    holding `unit` n ("epoch", 3), else (n = 0) a best.safetensors written just before (a disk that filled between
+    the two), or that there is none."""
     if n:
-        return f"{os.path.join(out_dir, 'last.safetensors')} holds {unit} {n}"
+        return f"the last good checkpoint is {os.path.join(out_dir, 'last.safetensors')} ({unit} {n})"
     best = os.path.join(out_dir, "best.safetensors")
-    return f"{best} holds the first weights, with no state to resume from" if os.path.exists(best) else \
-        "no checkpoint was written yet"
+    return f"the last good checkpoint is {best} (the first weights, with no state to resume from)" \
+        if os.path.exists(best) else "no checkpoint was written yet"
 
 
 def check_writable(folder, need=0, what="the output"):

@@ -164,7 +164,7 @@ def test_class1_a_disk_that_fills_mid_run_names_the_last_good_checkpoint(tiny_da
     out = tmp_path / "run"
     message = error_line(train_vit.main, [*VIT_TINY, f"--data={tiny_data}", f"--out_dir={out}"])
     assert message.startswith(f"error: cannot write {out}/") and "No space left on device" in message
-    assert message.endswith(f"; {out / 'last.safetensors'} holds epoch 1")
+    assert message.endswith(f"; the last good checkpoint is {out / 'last.safetensors'} (epoch 1)")
     monkeypatch.setattr(model, "save_file", real)
     assert model.load_checkpoint(str(out / "last.safetensors"))[1]["epoch"] == 1  # whole, and epoch 1's
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -218,5 +218,6 @@ def test_class1_a_disk_full_between_best_and_last_names_best(tiny_data, tmp_path
         real(tensors, path, metadata=metadata)
     monkeypatch.setattr(model, "save_file", fills_up)
     message = error_line(train_vit.main, [*VIT_TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'run'}"])
-    assert message.endswith(f"; {tmp_path / 'run' / 'best.safetensors'} holds the first weights, with no state to "
-                            "resume from")  # was "no checkpoint was written yet", beside a best.safetensors
+    # was "no checkpoint was written yet", beside a best.safetensors
+    assert message.endswith(f"; the last good checkpoint is {tmp_path / 'run' / 'best.safetensors'} (the first "
+                            "weights, with no state to resume from)")

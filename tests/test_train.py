@@ -182,7 +182,8 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_data, tmp_path, monkeypa
     monkeypatch.setattr(train_vit.Objective, "__call__", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path}", "--resume=True"])
     assert message.startswith("error: non-finite loss") and "epoch 2" in message
-    assert message.endswith(f"stopped before the update: {tmp_path / 'last.safetensors'} holds epoch 1")
+    assert message.endswith(f"stopped before the update: the last good checkpoint is {tmp_path / 'last.safetensors'} "
+                            "(epoch 1)")
     assert (tmp_path / "last.safetensors").read_bytes() == good
     # in the first epoch nothing is saved yet, and the message says so (issue 23, class 3: it claimed a good epoch)
     message = error_line(train_vit.main, [*TINY, f"--data={tiny_data}", f"--out_dir={tmp_path / 'fresh'}"])
@@ -202,8 +203,8 @@ def test_signal_stops_between_steps_and_resume_finishes_the_run(tiny_data, refer
     monkeypatch.setattr(train_vit.Objective, "__call__", loss_then_signal)
     with pytest.raises(SystemExit) as e:  # a stop, not an error: the message without the "error: " prefix
         run_vit(tiny_data, tmp_path)
-    assert str(e.value.code) == (f"stopped by a signal in epoch 2: {tmp_path / 'last.safetensors'} holds epoch 1; "
-                                 "continue with --resume=true")
+    assert str(e.value.code) == ("stopped by a signal in epoch 2: the last good checkpoint is "
+                                 f"{tmp_path / 'last.safetensors'} (epoch 1); continue with --resume=true")
     assert len(read_log(tmp_path)) == 1 and not (tmp_path / ".lock").exists()
     monkeypatch.setattr(train_vit.Objective, "__call__", real)
     run_vit(tiny_data, tmp_path, "--resume=true")
