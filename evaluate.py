@@ -381,6 +381,7 @@ def main(argv=None):
         run.check_writable(folder, what=what)
     net, ck_meta, _ = model.load_checkpoint(args.ckpt)
     device = run.pick_device(args.device)
+    run.warn_slow_bf16(device, args.amp)
     net.to(device)
     runner = torch.compile(net) if args.compile else net  # the model as predict() calls it
     if args.images:

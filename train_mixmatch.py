@@ -100,7 +100,7 @@ eval_every = 256  # steps between validation passes
 eval_batch_size = 256  # validation / test batch (per rank)
 # system
 device = "auto"  # auto = cuda if available, else cpu
-amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 runs on the CPU too
+amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); an AVX2 CPU emulates bf16: ~20x slower
 compile = False  # torch.compile the model (works on the CPU too, where it is slower)
 table = False  # supervised, mixmatch, mixmatch without mixup, full: table_seeds seeds -> out_dir/ssl_table.md
 table_seeds = 3  # seeds 0 .. table_seeds-1
@@ -400,6 +400,7 @@ def train(cfg):
 
     net, ema, optimizer, gen_idx, gen_aug = build_run(c, num_classes, dev, rank)
     if master:  # before any step: an earlier run, a folder that takes no files, no room for best + last checkpoints
+        run.warn_slow_bf16(dev, c.amp)
         run.check_out_dir(c.out_dir, c.resume, c.force)
         run.check_writable(c.out_dir, 4 * sum(p.numel() * p.element_size() for p in net.parameters()), "the run")
     decayed = decayed_weights(net)

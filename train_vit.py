@@ -89,7 +89,7 @@ eval_batch_size = 256  # validation batch
 seed = 0  # weights, batch order, augmentation, drop-path
 device = "auto"  # auto = cuda if available, else cpu
 compile = True  # torch.compile the model (works on the CPU too, where it is slower: the demo preset turns it off)
-amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); bf16 runs on the CPU too
+amp = "bf16"  # autocast dtype of the forward passes: bf16 | none (fp32); an AVX2 CPU emulates bf16: ~20x slower
 threads = 0  # CPU threads of torch's ops (torch.set_num_threads); 0 = torch's default (every core)
 tensorboard = False  # also write each log.jsonl record as TensorBoard scalars in out_dir (pip install tensorboard)
 # -----------------------------------------------------------------------------
@@ -383,8 +383,10 @@ def train(cfg):
     cuda = device.type == "cuda"
     meta, labels, groups, upsample, indices, fair, n_groups = check_run(cfg, world)
     if master and not cuda and c.init == "dino" and c.img_size >= 224:
-        print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s (~40 h per CelebA "
-              "epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
+        print(f"warning: the recipe at {c.img_size}x{c.img_size} on a CPU runs at about 1 img/s in fp32 (~40 h per "
+              "CelebA epoch); try --img_size=80 (native size) or `make demo`", file=sys.stderr)
+    if master:
+        run.warn_slow_bf16(device, c.amp)
     group_names = meta["groups"] or metrics.GROUP_NAMES
     kept = in_train_groups(c, groups)  # the samples the run draws from: their cell counts weigh the loss
     objective = Objective(c, labels[kept], groups[kept], len(meta["classes"]), n_groups, device, world)

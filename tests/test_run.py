@@ -54,3 +54,12 @@ def test_run_dir_refuses_an_earlier_run_and_a_live_lock(tmp_path):
             with run.run_dir(str(tmp_path), resume=True):
                 pass
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("native, device, amp, warned", [(False, "cpu", "bf16", True), (True, "cpu", "bf16", False),
+                                                         (False, "cpu", "none", False), (False, "cuda", "bf16", False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_before_the_work(monkeypatch, capsys, native, device, amp, warned):
+    monkeypatch.setattr(run, "native_bf16", lambda: native)
+    run.warn_slow_bf16(torch.device(device), amp)
+    err = capsys.readouterr().err
+    assert ("no native bf16) is emulated and runs about 20x slower than --amp=none" in err) == warned, err
