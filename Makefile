@@ -37,7 +37,7 @@ setup: .venv/.done  ## make .venv from nothing (system packages for FFCV, then p
 	$(PY) -c "import ffcv, torch; print('setup ok: torch', torch.__version__, '| ffcv imports')"
 	touch $@
 
-test: setup  ## run the test suite (about 4.5 minutes on 2 idle CPU cores)
+test: setup  ## run the test suite (4.5 to 5 minutes on 2 idle CPU cores)
 	$(PY) -m pytest
 
 lint: setup  ## ruff
