@@ -195,8 +195,12 @@ def pick_device(name):
 
 
 def native_bf16():
-    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX), as oneDNN, behind CPU autocast, sees it."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX), as oneDNN, behind CPU autocast, sees it
+    (a private torch op: a torch without it counts as not native, which costs a warning at most)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def warn_slow_bf16(device, amp):
