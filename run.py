@@ -2,6 +2,7 @@
 
     write_atomic(path, write)           every file a script writes: temp name, then rename (never half a file)
     check_writable(folder, need, what)  before the work: the folder takes files and has room for them
+    with saving(out_dir, unit, n): ...  a checkpoint write that fails names the last good checkpoint (saved())
     with run_dir(out_dir, resume, force, master): ...   one run per folder, its lock, a clean stop on Ctrl-C
     device = pick_device("auto")        cuda under torchrun's LOCAL_RANK if there is one, else the CPU
     warn_slow_bf16(device, amp)         bf16 autocast on a CPU that emulates bf16: say so before the work
@@ -55,6 +56,16 @@ def saved(out_dir, unit, n):
     best = os.path.join(out_dir, "best.safetensors")
     return f"the last good checkpoint is {best} (the first weights, with no state to resume from)" \
         if os.path.exists(best) else "no checkpoint was written yet"
+
+
+@contextlib.contextmanager
+def saving(out_dir, unit, n):
+    """Around a checkpoint write: one that fails (a full disk) ends the run with the write's one line plus what the
+    run leaves behind (saved(out_dir, unit, n)); write_atomic keeps the files written before whole."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{e}; {saved(out_dir, unit, n)}") from None
 
 
 def check_writable(folder, need=0, what="the output"):

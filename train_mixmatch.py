@@ -340,15 +340,6 @@ def last_step(history):
     return history[-1]["step"] if history else 0
 
 
-@contextmanager
-def kept_on_failure(out_dir, history):
-    """A checkpoint write that fails (a full disk) ends the run with the write's one line plus what is left."""
-    try:
-        yield
-    except UserError as e:
-        raise UserError(f"{e}; {run.saved(out_dir, 'step', last_step(history))}") from None
-
-
 def build_run(c, num_classes, dev, rank):
     """The seeded pieces of a run: (model, its EMA copy, optimizer, batch-order generator, augmentation generator)."""
     torch.manual_seed(c.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -443,7 +434,8 @@ def train(cfg):
                          "rng": rng, "batch_order": gen_idx.get_state(),
                          "queues": [lab_batches.queue, unlab_batches.queue], "best": best, "best_step": best_step,
                          "history": history, "losses": losses, "configs": configs}
-                with kept_on_failure(c.out_dir, history[:-1]):  # last.safetensors holds the previous evaluation's
+                # a failed write leaves last.safetensors as the previous evaluation saved it
+                with run.saving(c.out_dir, "step", last_step(history[:-1])):
                     model.save_checkpoint(last_path, ema, {**ckpt_meta, "step": step,
                                                            "metrics": history[-1] if history else None}, state=state)
                     run.write_log(c.out_dir, history)
@@ -499,7 +491,7 @@ def train(cfg):
                     tqdm.write(f"step {step}: val acc {record['accuracy']:.4f} (raw {record['raw']['accuracy']:.4f})"
                                f" f1 {record['f1']:.4f}{fair}{' *' if improved else ''}")
                     if improved:
-                        with kept_on_failure(c.out_dir, history[:-1]):
+                        with run.saving(c.out_dir, "step", last_step(history[:-1])):
                             model.save_checkpoint(best_path, ema, {**ckpt_meta, "step": step, "metrics": val_metrics})
                     plot(history, os.path.join(c.out_dir, "curves.png"))
             if evaluating or step == end:

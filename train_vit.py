@@ -491,10 +491,8 @@ def train(cfg):
                          "history": history, "configs": configs, **objective.state_dict()}
                 ckpt_meta = {"config": cfg, "data": data.summary(c.data_dir, meta), "epoch": epoch + 1,
                              "metrics": val_metrics}
-                try:
+                with run.saving(c.out_dir, "epoch", epoch):
                     save_epoch(c, net, ckpt_meta, state, improved)
-                except UserError as e:  # a full disk: the files written before are whole (write_atomic)
-                    raise UserError(f"{e}; {run.saved(c.out_dir, 'epoch', epoch)}") from None
         return max(history, key=lambda h: metrics.selection_score(h, c.select)) if history else None
 
 
