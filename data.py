@@ -110,11 +110,10 @@ def read_meta(data_dir, splits=(), verify=None):
         beton = os.path.join(data_dir, f"{split}.beton")
         if not os.path.isfile(beton):
             raise DataFileError(f"{beton} is missing (meta.json lists split {split!r}); {_rebuild(data_dir, meta)}")
-        size = os.path.getsize(beton)
-        if "bytes" in info and size != info["bytes"]:
-            raise DataFileError(f"{beton} has {size} bytes, meta.json records {info['bytes']}: it changed after the "
-                                f"build; {_rebuild(data_dir, meta)}")
         st = os.stat(beton)
+        if "bytes" in info and st.st_size != info["bytes"]:
+            raise DataFileError(f"{beton} has {st.st_size} bytes, meta.json records {info['bytes']}: it changed after "
+                                f"the build; {_rebuild(data_dir, meta)}")
         if verify == "full" or (verify == "once" and hashed.get(split) != [st.st_size, st.st_mtime_ns]):
             _verify_content(data_dir, split, meta)
             hashed[split] = [st.st_size, st.st_mtime_ns]

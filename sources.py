@@ -165,6 +165,11 @@ def _labels_and_groups(attrs, names, values, cfg):
 GENDER_NAMES = (("women", "woman", "female", "f"), ("men", "man", "male", "m"))
 
 
+def _listed(names, most=4):
+    """The first `most` names for a message, comma-separated, with ", ..." when there are more."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def group_ids(names, order="", where="the groups"):
     """Group names, one per image, as a file spells them -> (ids int64, group names by id); a blank name is unknown
     (-1). With `order` (--group_names=a,b,c) each name's id is its place in that list, and a name not in it is
@@ -172,7 +177,6 @@ def group_ids(names, order="", where="the groups"):
     and a file with any other name is refused, because sorting would give its ids an arbitrary meaning."""
     names = [nm.strip() for nm in names]
     found = sorted({nm for nm in names if nm})
-    few = lambda stray: ", ".join(map(repr, stray[:6])) + (", ..." if len(stray) > 6 else "")
     if not found and not order:
         return np.full(len(names), -1, np.int64), []
     if order:
@@ -180,20 +184,16 @@ def group_ids(names, order="", where="the groups"):
         if "" in order or len(set(order)) < len(order):
             raise DataError(f"--group_names={','.join(order)}: a blank name or a name given twice")
         index = {nm: i for i, nm in enumerate(order)}
-        stray = [nm for nm in found if nm not in index]
-        if stray:
-            raise DataError(f"{where}: group names not in --group_names: {few(stray)}")
+        why = lambda shown: f"group names not in --group_names: {shown}"
     else:
-        gender = {nm: next((k for k, spell in enumerate(GENDER_NAMES) if nm.lower() in spell), None) for nm in found}
-        stray = [nm for nm, k in gender.items() if k is None]
-        if stray:
-            raise DataError(f"{where}: cannot place the group names {few(stray)}: only women/female/f (0) and "
-                            "men/male/m (1) have a fixed id; give each name its id with "
-                            f"--group_names={','.join(found[:6])} (id order)")
-        index = gender
+        index = {nm: k for nm in found for k, spells in enumerate(GENDER_NAMES) if nm.lower() in spells}
         # a file's own spelling names its group when it spells it one way; else (or when absent) ours
-        order = [spells[0] if len(spells := [nm for nm in found if gender[nm] == k]) == 1 else canon[0]
-                 for k, canon in enumerate(GENDER_NAMES)]
+        order = [own[0] if len(own := [nm for nm in found if index.get(nm) == k]) == 1 else spells[0]
+                 for k, spells in enumerate(GENDER_NAMES)]
+        why = lambda shown: (f"cannot place the group names {shown}: only women/female/f (0) and men/male/m (1) have "
+                             f"a fixed id; give each name its id with --group_names={','.join(found[:6])} (id order)")
+    if stray := [repr(nm) for nm in found if nm not in index]:
+        raise DataError(f"{where}: {why(_listed(stray, 6))}")
     return np.array([index.get(nm, -1) for nm in names], np.int64), list(order)
 
 
@@ -387,22 +387,21 @@ def _class_folders(top, wanted):
     every folder, sorted, refused when the tree does not look like one folder per class: MAFA's root, more than
     FOLDER_MAX_CLASSES folders, or numbers like 0001 (people's folders)."""
     found = sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)) and d[0] != ".")
-    listed = lambda names: ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
     if wanted:
         names = [c.strip() for c in wanted.split(",")]
         missing = [c for c in names if c not in found]
         if missing or len(set(names)) < len(names):
             why = f"no folder {missing[0]!r}" if missing else "a class named twice"
-            raise DataError(f"--classes={wanted}: {why} in {top} (its folders: {listed(found) or 'none'})")
+            raise DataError(f"--classes={wanted}: {why} in {top} (its folders: {_listed(found) or 'none'})")
         return names
     if not found:
         raise DataError(f"no class subfolders in {top}")
     named = lambda what: f"{top} {what}; name the class folders to read, in label order, with --classes=a,b"
     if any(d.endswith("-images") or d.startswith("MAFA-Label-") for d in found):
-        raise DataError(named(f"looks like MAFA's root ({listed(found)}): build it with python data.py mafa --root="
+        raise DataError(named(f"looks like MAFA's root ({_listed(found)}): build it with python data.py mafa --root="
                               f"{top}, which crops the faces"))
     if len(found) > FOLDER_MAX_CLASSES or all(d.isdecimal() and len(d) >= 3 for d in found):
-        raise DataError(named(f"holds {len(found)} folders ({listed(found)}): more than {FOLDER_MAX_CLASSES}, or "
+        raise DataError(named(f"holds {len(found)} folders ({_listed(found)}): more than {FOLDER_MAX_CLASSES}, or "
                               "numbers like 0001, look like a folder per person, not per class; point --root at the "
                               "folder above the class folders (with --split_by=identity when each class folder holds "
                               "a folder per person)"))
