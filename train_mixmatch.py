@@ -284,6 +284,18 @@ def mixmatch_losses(c, net, forward, xl, pl, views):
     return soft_cross_entropy(logits[:b], rows.p[:b]), l2_loss(logits[b:], rows.p[b:])
 
 
+def step_loss(c, net, forward, rows, step, ramp_steps):
+    """One step's loss on draw_rows' rows: mode=mixmatch, loss_x + w_u * loss_u with w_u ramped up over ramp_steps;
+    supervised and full, the soft cross-entropy of the labelled rows (loss_u 0). -> (loss, loss_x, loss_u, w_u)."""
+    xl, pl, views = rows
+    if c.mode != "mixmatch":
+        loss_x = soft_cross_entropy(forward(xl), pl)
+        return loss_x, loss_x, torch.zeros((), device=xl.device), 0.0
+    loss_x, loss_u = mixmatch_losses(c, net, forward, xl, pl, views)
+    w_u = c.lambda_u * rampup_weight(step, ramp_steps)
+    return loss_x + w_u * loss_u, loss_x, loss_u, w_u
+
+
 def validate(c, ema, net, val_loader, group_names, world, step, losses, w_u):
     """A validation: (its log record: the EMA model's metrics, the raw model's headline numbers and the mean losses
     since the last validation; the EMA model's metrics)."""
@@ -451,14 +463,8 @@ def train(cfg):
                                   f"{run.saved(c.out_dir, 'step', last_step(history))}; continue with --resume=true")
             net.train()
             with autocast:
-                xl, pl, views = draw_rows(c, train_x, train_y, num_classes, streams, mine)
-                if c.mode == "mixmatch":
-                    loss_x, loss_u = mixmatch_losses(c, net, forward, xl, pl, views)
-                    w_u = c.lambda_u * rampup_weight(step, ramp_steps)
-                    loss = loss_x + w_u * loss_u
-                else:
-                    loss = loss_x = soft_cross_entropy(forward(xl), pl)
-                    loss_u, w_u = torch.zeros((), device=dev), 0.0
+                rows = draw_rows(c, train_x, train_y, num_classes, streams, mine)
+                loss, loss_x, loss_u, w_u = step_loss(c, net, forward, rows, step, ramp_steps)
             pair = torch.stack([loss_x.detach(), loss_u.detach()])
             if world > 1:
                 dist.all_reduce(pair)
